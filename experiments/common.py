@@ -1,0 +1,47 @@
+"""Defaults shared by experiment files: stage configs and the sweep axes."""
+
+from __future__ import annotations
+
+import os
+
+from ml_collections import ConfigDict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HH_DIR = os.path.join(REPO, "data", "hh-rlhf")
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+# Nested data fractions for scaling sweeps (a smaller one is a subset of every larger one).
+DATA_FRACTIONS = (1 / 64, 1 / 16, 1 / 4, 1.0)
+PAPER_SIZES = ("13M", "42M", "197M", "810M", "2.7B", "13B", "52B")
+
+
+def optim_config(lr: float, warmup_steps: int, schedule: str = "cosine") -> ConfigDict:
+    return ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, schedule=schedule,
+                           lr_min_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01,
+                           grad_clip=1.0))
+
+
+def lm_config(**overrides) -> ConfigDict:
+    """The LM stage: from-scratch next-token training on the HH train-split dialogues."""
+    c = ConfigDict(dict(
+        model="6M",
+        model_overrides=ConfigDict(dict(max_len=128)),
+        tokenizer=ConfigDict(dict(kind="sentencepiece", vocab_size=4096)),
+        # skip_invalid: the shipped test files hold rows whose chosen/rejected contexts
+        # differ or whose response is empty; they are counted in summary.json, not used.
+        data=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS, skip_invalid=True)),
+        seq_len=128,
+        batch_size=16,
+        steps=150,
+        eval_tokens=32_768,
+        log_every=25,
+        eval_every=50,
+        ckpt_every=50,
+        mesh=(-1, 1, 1),
+        seed=0,
+        init_from="",
+        resume="",
+        optim=optim_config(lr=3e-3, warmup_steps=15),
+    ))
+    c.update(overrides)
+    return c

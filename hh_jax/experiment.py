@@ -1,0 +1,124 @@
+"""Experiment files: loading `get_config(arg)`, `--config.x=y` overrides, sweeps, running.
+
+An experiment file (big_vision form) defines `get_config(arg: str) -> ConfigDict` and
+`sweep(add, arg)`, which calls `add(**{"lm.model": "13M", ...})` once per member. The
+config lists its `stages` in order; `config.<stage>` is that stage's config. Strings may
+contain `{workdir}`, filled in when the experiment runs (how stages chain through paths).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+import time
+from typing import Any
+
+from ml_collections import ConfigDict
+
+STAGES = ("lm",)  # grows with the pipeline: distill, pmp, pm, ppo, bon, eval
+
+
+def load_module(path: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: experiment file not found")
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:  # lets experiment files share experiments/common.py
+        sys.path.insert(0, folder)
+    name = "hh_experiment_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{path}: an experiment file must define get_config(arg)")
+    return module
+
+
+def load_config(spec: str, overrides: list[str] | None = None) -> ConfigDict:
+    """`path.py[:arg]` plus `--config.a.b=value` overrides."""
+    path, _, arg = spec.partition(":")
+    config = load_module(path).get_config(arg)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_path(config, key, value)
+    return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    item = item.removeprefix("--")
+    if not item.startswith("config.") or "=" not in item:
+        raise ValueError(f"bad override {item!r}: expected --config.key=value")
+    key, _, raw = item[len("config."):].partition("=")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare string
+    return key, value
+
+
+def set_path(config: ConfigDict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        if p not in node:
+            raise KeyError(f"config has no field {key!r} (no {p!r})")
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f"config has no field {key!r}; fields here: {sorted(node.keys())}")
+    current = node[leaf]
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    node[leaf] = value
+
+
+def expand_sweep(path: str, arg: str = "") -> list[dict[str, Any]]:
+    """The members of an experiment file's `sweep(add, arg)` as override dicts."""
+    module = load_module(path)
+    members: list[dict[str, Any]] = []
+    if hasattr(module, "sweep"):
+        module.sweep(lambda **kw: members.append(kw), arg)
+    return members
+
+
+def fill_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
+    """Replaces `{workdir}` in every string field (stage hand-off paths)."""
+    out = ConfigDict(config.to_dict())
+    stack = [out]
+    while stack:
+        node = stack.pop()
+        for k in list(node.keys()):
+            v = node[k]
+            if isinstance(v, ConfigDict):
+                stack.append(v)
+            elif isinstance(v, str) and "{workdir}" in v:
+                node[k] = v.replace("{workdir}", workdir)
+    return out
+
+
+def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
+    """Runs every stage in `config.stages` under `workdir/<stage>`, skipping complete ones."""
+    from hh_jax import checkpoint, lm, metrics
+
+    runners = {"lm": lm.train_and_evaluate}
+    workdir = os.path.abspath(workdir)
+    config = fill_workdir(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    summaries = {}
+    for name in config.stages:
+        if name not in runners:
+            raise ValueError(f"unknown stage {name!r}; known: {sorted(runners)}")
+        stage_dir = os.path.join(workdir, name)
+        if checkpoint.is_complete(stage_dir):
+            print(f"[{name}] complete, skipped ({stage_dir}/summary.json)", flush=True)
+            summaries[name] = metrics.read_summary(stage_dir)
+            continue
+        t0 = time.time()
+        summaries[name] = runners[name](config[name], stage_dir)
+        print(f"[{name}] done in {time.time() - t0:.0f}s", flush=True)
+    return summaries

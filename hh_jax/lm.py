@@ -1,0 +1,192 @@
+"""Stage `lm`: next-token training (pretraining from scratch / SFT) with held-out perplexity.
+
+Pure step functions at module level, jitted once with explicit shardings and a donated
+state; the loop around them does data, logging, checkpoints and evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import ConfigDict
+
+from hh_jax import checkpoint, lm_data, losses, metrics, sharding, state
+from hh_jax.model import SIZES, ModelConfig, Transformer
+from hh_jax.tokenizer import unigram_perplexity
+
+
+def model_config(cfg: ConfigDict, vocab_size: int) -> ModelConfig:
+    """The SIZES entry named by `cfg.model`, with `cfg.model_overrides` applied."""
+    if cfg.model not in SIZES:
+        raise ValueError(f"unknown model size {cfg.model!r}; known: {sorted(SIZES)}")
+    overrides = dict(cfg.get("model_overrides", {}) or {})
+    return SIZES[cfg.model].replace(vocab_size=vocab_size, **overrides)
+
+
+def lm_loss(params, batch, model: Transformer):
+    out = model.apply(params, batch["tokens_BxL"], mask_BxL=batch["mask_BxL"])
+    nll, count = losses.next_token_xent(out["logits_BxLxV"], batch["tokens_BxL"],
+                                        batch["weights_BxL"])
+    return nll / jnp.maximum(count, 1.0), count
+
+
+def train_step(st: state.TrainState, batch, *, model: Transformer,
+               optimizer: optax.GradientTransformation):
+    """One optimizer step on the mean next-token loss of the global batch."""
+    (loss, count), grads = jax.value_and_grad(lm_loss, has_aux=True)(st.params, batch, model)
+    updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+    params = optax.apply_updates(st.params, updates)
+    out = {"train/loss": loss, "train/tokens": count, "train/grad_norm": optax.global_norm(grads)}
+    return st.replace(step=st.step + 1, params=params, opt_state=opt_state), out
+
+
+def eval_step(params, batch, *, model: Transformer):
+    """(summed NLL, scored tokens) of a batch: summed so eval averages exactly."""
+    out = model.apply(params, batch["tokens_BxL"], mask_BxL=batch["mask_BxL"])
+    return losses.next_token_xent(out["logits_BxLxV"], batch["tokens_BxL"], batch["weights_BxL"])
+
+
+def evaluate(eval_fn, params, windows_NxL: np.ndarray, batch_size: int, mesh) -> dict:
+    nll, count = 0.0, 0.0
+    for i in range(0, len(windows_NxL) - batch_size + 1, batch_size):
+        tokens = windows_NxL[i:i + batch_size]
+        ones = np.ones_like(tokens, np.float32)
+        batch = sharding.put_batch(
+            {"tokens_BxL": tokens, "mask_BxL": ones.astype(bool), "weights_BxL": ones}, mesh)
+        s, c = eval_fn(params, batch)
+        nll, count = nll + float(s), count + float(c)
+    loss = nll / max(count, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(loss), "eval/tokens": count}
+
+
+def _resume_or_init(cfg, stage_dir, model, optimizer, mesh, dummy_BxL):
+    """Resume order of DESIGN.md §3; returns (state, data_state or None, how)."""
+    boxed_init = lambda: model.init(jax.random.key(cfg.seed), dummy_BxL)  # noqa: E731
+    abstract_params, p_sh = state.param_shardings(boxed_init, mesh)
+    st_sh = state.state_shardings(p_sh, optimizer, abstract_params, mesh)
+    target = checkpoint.abstract_with_shardings(state.abstract_state(abstract_params, optimizer),
+                                                st_sh)
+    ckpts = checkpoint.StageCheckpoints(os.path.join(stage_dir, "checkpoints"))
+    if ckpts.latest_step() is not None:
+        st, data_state = ckpts.restore(target)
+        return st, st_sh, ckpts, data_state, f"resumed at step {int(st.step)}"
+    if cfg.get("resume"):
+        st, data_state = checkpoint.StageCheckpoints(cfg.resume).restore(target)
+        return st, st_sh, ckpts, data_state, f"resumed from {cfg.resume}"
+    if cfg.get("init_from"):
+        params = checkpoint.import_params(
+            cfg.init_from, checkpoint.abstract_with_shardings(abstract_params, p_sh))
+        how = f"params from {cfg.init_from}"
+    else:
+        params, _ = state.init_params(boxed_init, mesh)
+        how = "from scratch"
+    return state.init_state(params, optimizer, st_sh), st_sh, ckpts, None, how
+
+
+def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
+    """Runs the LM stage into `stage_dir`; returns its summary."""
+    os.makedirs(stage_dir, exist_ok=True)
+    texts, data_report = lm_data.dialogue_texts(cfg.data.hh_dir, list(cfg.data.subsets) or None,
+                                                cfg.data.skip_invalid)
+    print(f"[lm] data: {data_report['comparisons']} comparisons of {data_report['rows']} rows; "
+          f"skipped by reason: {data_report['skipped'] or 'none'}; dialogues "
+          f"{len(texts['train'])} train / {len(texts['heldout'])} held-out", flush=True)
+    tok = lm_data.get_tokenizer(cfg.tokenizer.kind, texts["train"], stage_dir,
+                                cfg.tokenizer.vocab_size, cfg.seed)
+    train_ids = lm_data.encode_all(tok, texts["train"])
+    heldout_ids = lm_data.encode_all(tok, texts["heldout"])
+    batches = lm_data.PackedBatches(lm_data.pack(train_ids, tok.eos_id, cfg.seq_len),
+                                    cfg.batch_size, cfg.seed)
+    eval_NxL = lm_data.eval_windows(lm_data.pack(heldout_ids, tok.eos_id, cfg.seq_len),
+                                    cfg.eval_tokens)
+    mesh = sharding.make_mesh(cfg.mesh)
+    mcfg = model_config(cfg, tok.vocab_size)
+    model = Transformer(mcfg)
+    optimizer = optax_for(cfg)
+    dummy = jnp.zeros((cfg.batch_size, cfg.seq_len), jnp.int32)
+    st, st_sh, ckpts, data_state, how = _resume_or_init(cfg, stage_dir, model, optimizer, mesh,
+                                                        dummy)
+    if data_state is not None:
+        batches.check_state(data_state, os.path.join(stage_dir, "checkpoints"))
+    batch_sh = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
+                      in_shardings=(st_sh, batch_sh), out_shardings=(st_sh, None),
+                      donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                      in_shardings=(st_sh.params, batch_sh))
+    writer = metrics.MetricsWriter(stage_dir)
+    print(f"[lm] {mcfg.n_layers}L d{mcfg.d_model} vocab {mcfg.vocab_size}, "
+          f"{len(batches.windows_NxL)} train windows of {cfg.seq_len}, {how}", flush=True)
+    try:
+        with sharding.activate(mesh):
+            st = _train_loop(cfg, st, step_fn, eval_fn, batches, eval_NxL, ckpts, writer, mesh)
+            final = evaluate(eval_fn, st.params, eval_NxL, cfg.batch_size, mesh)
+    finally:  # also on NaN / Ctrl-C: let in-flight saves of good checkpoints commit
+        ckpts.close()
+    writer.write(int(st.step), final)
+    writer.close()
+    unigram = unigram_perplexity(train_ids, [eval_NxL.reshape(-1)], tok.vocab_size)
+    export_dir = os.path.join(stage_dir, "params")
+    checkpoint.export_params(export_dir, st.params, {
+        "stage": "lm", "step": int(st.step), "model": dataclasses.asdict(mcfg),
+        "tokenizer": _export_tokenizer(cfg, tok, export_dir)})
+    summary = {**final, "eval/unigram_perplexity": unigram, "steps": int(st.step),
+               "params": int(sum(x.size for x in jax.tree_util.tree_leaves(st.params))),
+               "train_windows": len(batches.windows_NxL), "heldout_windows": len(eval_NxL),
+               "data": data_report}
+    metrics.write_summary(stage_dir, summary)
+    print(f"[lm] held-out perplexity {final['eval/perplexity']:.2f} "
+          f"(unigram {unigram:.2f}) after {int(st.step)} steps", flush=True)
+    return summary
+
+
+def optax_for(cfg: ConfigDict) -> optax.GradientTransformation:
+    from hh_jax.optim import make_optimizer
+    return make_optimizer(cfg.optim, cfg.steps)
+
+
+def _train_loop(cfg, st, step_fn, eval_fn, batches, eval_NxL, ckpts, writer, mesh):
+    pending, t0, start = [], time.time(), int(st.step)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    for step in range(start, cfg.steps):
+        batch = sharding.put_batch(batches.batch(step, pidx, pcount), mesh)
+        st, m = step_fn(st, batch)
+        pending.append((step + 1, m))
+        done = step + 1
+        if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or done == cfg.steps:
+            for s, mm in pending:  # NaN guard before anything is saved
+                metrics.check_finite(mm, s, "lm")
+            last = metrics.to_python(pending[-1][1])
+            dt = time.time() - t0
+            last["perf/tokens_per_s"] = len(pending) * cfg.batch_size * cfg.seq_len / dt
+            writer.write(done, last)
+            print(f"[lm] step {done}/{cfg.steps} loss {last['train/loss']:.3f} "
+                  f"{last['perf/tokens_per_s']:.0f} tok/s", flush=True)
+            pending, t0 = [], time.time()
+        if done % cfg.eval_every == 0 and done != cfg.steps:
+            writer.write(done, evaluate(eval_fn, st.params, eval_NxL, cfg.batch_size, mesh))
+            t0 = time.time()  # eval time is not training throughput
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            ckpts.save(done, st, batches.state(done))
+    return st
+
+
+def _export_tokenizer(cfg: ConfigDict, tok, export_dir: str) -> str:
+    """Copies a trained tokenizer beside the params so the export is self-contained."""
+    path = getattr(tok, "path", None)
+    if path is None:
+        return cfg.tokenizer.kind
+    dest = os.path.join(export_dir, "tokenizer.model")
+    if jax.process_index() == 0:
+        os.makedirs(export_dir, exist_ok=True)
+        shutil.copyfile(path, dest)
+    return "tokenizer.model"

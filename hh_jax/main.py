@@ -1,0 +1,63 @@
+"""`hh-jax` command line. Intentionally short: each verb lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _run(args, overrides) -> int:
+    from hh_jax import experiment
+
+    config = experiment.load_config(args.experiment, overrides)
+    summaries = experiment.run(config, args.workdir)
+    for stage, summary in summaries.items():
+        print(f"[{stage}] summary: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def _sample(args, _) -> int:
+    from hh_jax import generate
+
+    for text in generate.sample_from_export(
+            args.params, [args.prompt], max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            raw=args.raw):
+        print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["data", "check"]:
+        from hh_jax import data_check
+        return data_check.main(argv[2:])
+    parser = argparse.ArgumentParser(prog="hh-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    run = sub.add_parser("run", help="run an experiment's stages: run experiments/x.py[:arg]")
+    run.add_argument("experiment")
+    run.add_argument("--workdir", required=True)
+    run.set_defaults(fn=_run)
+    smp = sub.add_parser("sample", help="continue a prompt with a trained model")
+    smp.add_argument("--params", required=True, help="a stage's params export directory")
+    smp.add_argument("--prompt", required=True)
+    smp.add_argument("--max-new-tokens", type=int, default=64)
+    smp.add_argument("--temperature", type=float, default=0.7)
+    smp.add_argument("--top-k", type=int, default=0)
+    smp.add_argument("--top-p", type=float, default=0.95)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--raw", action="store_true",
+                     help="feed the prompt as is (default: as one Human turn of a dialogue)")
+    smp.set_defaults(fn=_sample)
+    sub.add_parser("data", help="data check PATH...: validate HH jsonl(.gz) / Posts.xml")
+    args, rest = parser.parse_known_args(argv)
+    overrides = [r for r in rest if r.startswith("--config.")]
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return args.fn(args, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Llama-style decoder-only Transformer (Linen, pure functional) and its scalar head.
+
+One model serves every stage (STYLE.md §9.2): `Transformer` returns logits and the final
+hidden states; the PM reward head and the PPO value head are a `ScalarHead` applied to
+those hidden states, so a PM's params are `{"backbone": <LM params>, "head": ...}`.
+
+Block: x + Attn(RMSNorm(x)) then x + SwiGLU(RMSNorm(x)); rotary position embeddings in
+the Hugging Face "rotate half" layout; grouped-query attention; tied or untied LM head.
+Layers are `nn.scan`ned (params stacked on a leading "layers" axis), so compile time does
+not grow with depth. Every parameter carries logical axis names (sharding.py maps them).
+
+Shapes in names: B batch, L length, S cache slots, D model, H heads, G kv heads, K head
+dim, F ffw, V vocab, N layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    head_dim: int | None = None  # default d_model // n_heads
+    rope_theta: float = 10_000.0
+    max_len: int = 2048
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype; "bfloat16" for mixed precision
+    param_dtype: str = "float32"
+    remat: bool = False  # rematerialise each block in the backward pass
+    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+
+    @property
+    def k(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+def _paper(n_layers: int, d_model: int) -> ModelConfig:
+    # PAPER.md §2: d_model = 128·L (a fit to 12·L·d² ≈ the reported non-embedding sizes),
+    # head dim 128, ffw 4d, 8192-token context; vocab not given (65,536 assumed).
+    return ModelConfig(vocab_size=65_536, d_model=d_model, n_layers=n_layers,
+                       n_heads=d_model // 128, n_kv_heads=d_model // 128, d_ff=4 * d_model,
+                       max_len=8192, tie_embeddings=False)
+
+
+SIZES: dict[str, ModelConfig] = {
+    "test": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=128, max_len=256),
+    # The CPU default and the shape of the benchmark anchors (issues 5 and 6).
+    "6M": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                      d_ff=1024, max_len=1024),
+    "13M": _paper(4, 512),
+    "42M": _paper(6, 768),
+    "197M": _paper(10, 1280),
+    "810M": _paper(16, 2048),
+    "2.7B": _paper(24, 3072),
+    "13B": _paper(40, 5120),
+    "52B": _paper(64, 8192),
+    "smollm2-135m": ModelConfig(vocab_size=49_152, d_model=576, n_layers=30, n_heads=9,
+                                n_kv_heads=3, d_ff=1536, rope_theta=100_000.0, max_len=8192,
+                                tie_embeddings=True, norm_eps=1e-5),
+}
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
+    """Rotary embedding, "rotate half" layout (HF Llama): pairs (i, i + K/2)."""
+    half = x_BxLxHxK.shape[-1] // 2
+    freq_K2 = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angle_BxLx1xK2 = (positions_BxL.astype(jnp.float32)[..., None] * freq_K2)[:, :, None, :]
+    sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
+    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, cache):
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        std = cfg.d_model ** -0.5
+        dense = lambda feats, axes, name: nn.DenseGeneral(  # noqa: E731
+            feats, axis=-1, use_bias=False, dtype=dtype, param_dtype=pdtype, name=name,
+            kernel_init=_init(std, axes))
+        q_BxLxHxK = dense((cfg.n_heads, cfg.k), ("embed", "heads", "kv"), "q")(x_BxLxD)
+        k_BxLxGxK = dense((cfg.n_kv_heads, cfg.k), ("embed", "kv_heads", "kv"), "k")(x_BxLxD)
+        v_BxLxGxK = dense((cfg.n_kv_heads, cfg.k), ("embed", "kv_heads", "kv"), "v")(x_BxLxD)
+        q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+        k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, cfg.rope_theta)
+        new_cache = None
+        if cache is not None:  # decode: write this chunk at cache["index"], attend to all S
+            idx = cache["index"]
+            k_BxSxGxK = jax.lax.dynamic_update_slice(
+                cache["k"], k_BxLxGxK.astype(cache["k"].dtype), (0, idx, 0, 0))
+            v_BxSxGxK = jax.lax.dynamic_update_slice(
+                cache["v"], v_BxLxGxK.astype(cache["v"].dtype), (0, idx, 0, 0))
+            new_cache = {"k": k_BxSxGxK, "v": v_BxSxGxK, "index": idx}
+            k_BxLxGxK, v_BxLxGxK = k_BxSxGxK.astype(dtype), v_BxSxGxK.astype(dtype)
+        out_BxLxHxK = jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxS,
+            implementation=cfg.attention_impl)
+        out_BxLxD = nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
+            name="o", kernel_init=_init((cfg.n_heads * cfg.k) ** -0.5 / (2 * cfg.n_layers) ** 0.5,
+                                        ("heads", "kv", "embed")))(out_BxLxHxK)
+        return out_BxLxD, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dense = lambda feats, std, axes, name: nn.Dense(  # noqa: E731
+            feats, use_bias=False, dtype=dtype, param_dtype=pdtype, name=name,
+            kernel_init=_init(std, axes))
+        gate_BxLxF = dense(cfg.d_ff, cfg.d_model ** -0.5, ("embed", "mlp"), "gate")(x_BxLxD)
+        up_BxLxF = dense(cfg.d_ff, cfg.d_model ** -0.5, ("embed", "mlp"), "up")(x_BxLxD)
+        h_BxLxF = nn.with_logical_constraint(nn.silu(gate_BxLxF) * up_BxLxF,
+                                             ("act_batch", "act_length", "act_mlp"))
+        std = cfg.d_ff ** -0.5 / (2 * cfg.n_layers) ** 0.5
+        return dense(cfg.d_model, std, ("mlp", "embed"), "down")(h_BxLxF)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, cache):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype),  # noqa: E731
+                                    jnp.dtype(cfg.param_dtype), name=name)
+        attn_BxLxD, new_cache = Attention(cfg, name="attn")(
+            norm("attn_norm")(x_BxLxD), positions_BxL, mask_Bx1xLxS, cache)
+        x_BxLxD = x_BxLxD + attn_BxLxD
+        x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BxLxD))
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+        return x_BxLxD, new_cache
+
+
+def attention_mask(q_pos_L: Array, kv_valid_BxS: Array, q_segment_BxL: Array | None = None,
+                   kv_segment_BxS: Array | None = None) -> Array:
+    """Boolean mask_Bx1xLxS: causal in slot order, valid keys only, same segment only.
+
+    `q_pos_L` is each query's slot index among the S key slots (arange(L) without a cache,
+    cache_index + arange(L) with one).
+    """
+    s = kv_valid_BxS.shape[1]
+    causal_LxS = jnp.arange(s)[None, :] <= q_pos_L[:, None]
+    mask_BxLxS = causal_LxS[None] & kv_valid_BxS[:, None, :]
+    if q_segment_BxL is not None:
+        mask_BxLxS &= q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
+    return mask_BxLxS[:, None]
+
+
+class Transformer(nn.Module):
+    """tokens_BxL → {"logits_BxLxV" (float32), "hidden_BxLxD", "cache"}.
+
+    Without a cache: `mask_BxL` marks real tokens (padding is never attended to) and
+    `segment_ids_BxL` optionally keeps packed documents apart. With a cache (decoding):
+    the chunk is written at `cache["index"]` and attends to slots where `kv_valid_BxS`.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL, positions_BxL=None, mask_BxL=None, segment_ids_BxL=None,
+                 cache=None, kv_valid_BxS=None):
+        cfg = self.cfg
+        b, length = tokens_BxL.shape
+        if mask_BxL is None:
+            mask_BxL = jnp.ones((b, length), bool)
+        if positions_BxL is None:
+            positions_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0)
+        if cache is None:
+            mask = attention_mask(jnp.arange(length), mask_BxL, segment_ids_BxL, segment_ids_BxL)
+        else:
+            mask = attention_mask(cache["index"] + jnp.arange(length), kv_valid_BxS)
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                         param_dtype=jnp.dtype(cfg.param_dtype), name="embed",
+                         embedding_init=_init(cfg.d_model ** -0.5, ("vocab", "embed")))
+        x_BxLxD = embed(tokens_BxL)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        layer_cache = None if cache is None else {
+            "k": cache["k"], "v": cache["v"],
+            "index": jnp.broadcast_to(cache["index"], (cfg.n_layers,))}
+        x_BxLxD, new_layer_cache = layers(cfg, name="layers")(
+            x_BxLxD, positions_BxL, mask, layer_cache)
+        hidden_BxLxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                               name="final_norm")(x_BxLxD)
+        if cfg.tie_embeddings:
+            logits_BxLxV = embed.attend(hidden_BxLxD)
+        else:
+            logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                                    param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head",
+                                    kernel_init=_init(cfg.d_model ** -0.5, ("embed", "vocab")))(
+                hidden_BxLxD)
+        logits_BxLxV = nn.with_logical_constraint(
+            logits_BxLxV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_layer_cache["k"], "v": new_layer_cache["v"],
+                         "index": cache["index"] + length}
+        return {"logits_BxLxV": logits_BxLxV, "hidden_BxLxD": hidden_BxLxD, "cache": new_cache}
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> dict[str, Array]:
+    """An empty KV cache: k/v_NxBxSxGxK plus the next write index."""
+    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.k)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+class ScalarHead(nn.Module):
+    """Linear scalar read-out of a hidden state: the PM reward head / PPO value head.
+
+    Init N(0, 1/√(D+1)) as lm-human-preferences' reward head (RLHF_PRACTICE.md §2.9).
+    """
+
+    d_model: int
+    zero_init: bool = False  # value heads start at 0 (RLHF_PRACTICE.md §2.9)
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD: Array) -> Array:
+        init = (nn.initializers.zeros if self.zero_init
+                else nn.initializers.normal((self.d_model + 1) ** -0.5))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, ("embed",)),
+                            (self.d_model,), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ()),
+                          (), jnp.float32)
+        return hidden_BxLxD.astype(jnp.float32) @ kernel + bias
+
+
+def gather_at(x_BxLx_: Array, index_B: Array) -> Array:
+    """x[b, index_B[b]] for every row (the hidden state at the end-of-context token)."""
+    return jnp.take_along_axis(x_BxLx_, index_B[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def count_params(params: Any) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,99 @@
+"""The mesh, the ONE logical-axis rules table, and shardings for state and batches.
+
+Model code names axes logically ("embed", "heads", "act_batch", ...); this table maps
+them to the mesh axes ("data", "fsdp", "tensor"). Pure data parallel, FSDP and tensor
+parallel are mesh shapes over the same table: mesh (8,1,1) is data parallel, (1,8,1)
+shards params and batch over "fsdp" (ZeRO-3 style), (1,1,8) is Megatron-style tensor
+parallel on heads / ffw / vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh; one -1 entry is filled with the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one -1")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                         f"{len(devices)} available")
+    if jax.process_count() > 1:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    else:
+        grid = np.array(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_shardings(logical_specs, mesh: Mesh):
+    """Pytree of logical PartitionSpecs (nn.get_partition_spec) → NamedShardings."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batches split over the data-parallel axes (data × fsdp) on their leading dim."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+    """Mesh + rules in context, so `nn.with_logical_constraint` inside jit takes effect."""
+    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+        yield
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy batch → global arrays split over the data axes.
+
+    Each process passes only its own rows (its share of the global batch, in process
+    order); `jax.make_array_from_process_local_data` assembles the global array.
+    """
+    out = {}
+    for name, x in batch.items():
+        sharding = batch_sharding(mesh, np.ndim(x))
+        out[name] = jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return out

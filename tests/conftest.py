@@ -1,0 +1,24 @@
+"""Test setup: 8 fake CPU devices so sharded code runs for real (DESIGN.md §7).
+
+The flag must be set before JAX initialises its backends, i.e. before any test module
+imports jax.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    devices = jax.devices()
+    assert len(devices) == 8, f"conftest should fake 8 CPU devices, got {len(devices)}"
+    return devices

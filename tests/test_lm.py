@@ -1,0 +1,112 @@
+"""The LM stage end to end: runs, resumes bitwise after SIGKILL, stops on NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from hh_jax import checkpoint, experiment, lm, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "experiments", "smoke.py")
+TINY = [f"--config.lm.{k}" for k in (
+    "tokenizer.kind=byte", "steps=8", "ckpt_every=2", "log_every=2", "eval_every=4",
+    "batch_size=8", "seq_len=32", "eval_tokens=512")]
+
+
+def _cmd(workdir):
+    return [sys.executable, "-m", "hh_jax.main", "run", SMOKE + ":tiny", "--workdir",
+            str(workdir), *TINY]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one device, as a user's run
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _params(workdir):
+    return jax.device_get(checkpoint.import_params(os.path.join(workdir, "lm", "params")))
+
+
+def _committed_steps(ckpt_dir):
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    subprocess.run(_cmd(workdir), check=True, env=_env(), cwd=REPO, capture_output=True)
+    return workdir
+
+
+def test_stage_outputs_follow_the_metrics_contract(uninterrupted):
+    stage = uninterrupted / "lm"
+    summary = metrics.read_summary(stage)
+    assert summary["steps"] == 8
+    assert np.isfinite(summary["eval/perplexity"])
+    rows = [json.loads(line) for line in open(stage / "metrics.jsonl")]
+    assert all("step" in r for r in rows)
+    assert any("train/loss" in r for r in rows) and any("eval/loss" in r for r in rows)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(stage))
+    meta = checkpoint.read_meta(stage / "params")
+    assert meta["stage"] == "lm" and meta["model"]["vocab_size"] == 260
+    # the data the stage skipped is reported with reasons, not silently dropped
+    assert summary["data"]["rows"] == summary["data"]["comparisons"] + sum(
+        summary["data"]["skipped"].values())
+
+
+def test_sigkill_mid_training_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+    ckpt_dir = tmp_path / "lm" / "checkpoints"
+    proc = subprocess.Popen(_cmd(tmp_path), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not [s for s in _committed_steps(ckpt_dir) if s >= 4]:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_committed_steps(ckpt_dir))
+    assert 4 <= killed_at < 8, f"killed too late (latest checkpoint {killed_at})"
+    assert not (tmp_path / "lm" / "summary.json").exists()
+    resumed = subprocess.run(_cmd(tmp_path), check=True, env=_env(), cwd=REPO,
+                             capture_output=True, text=True)
+    assert "resumed at step" in resumed.stdout
+    a, b = _params(uninterrupted), _params(tmp_path)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
+                            strict=True):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    sa = metrics.read_summary(uninterrupted / "lm")
+    sb = metrics.read_summary(tmp_path / "lm")
+    assert sa["eval/loss"] == sb["eval/loss"]
+
+
+def test_complete_stage_is_skipped(uninterrupted, capsys):
+    config = experiment.load_config(SMOKE + ":tiny", TINY)
+    experiment.run(config, str(uninterrupted))
+    assert "complete, skipped" in capsys.readouterr().out
+
+
+def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_step = lm.train_step
+
+    def poisoned(st, batch, **kw):  # loss turns NaN from the 6th step on
+        st, m = real_step(st, batch, **kw)
+        m["train/loss"] = jax.numpy.where(st.step >= 6, jax.numpy.nan, m["train/loss"])
+        return st, m
+
+    monkeypatch.setattr(lm, "train_step", poisoned)
+    config = experiment.load_config(SMOKE + ":tiny", TINY)
+    with pytest.raises(metrics.NonFiniteError, match="train/loss = nan at step 6"):
+        experiment.run(config, str(tmp_path))
+    assert _committed_steps(tmp_path / "lm" / "checkpoints") == [2, 4]
+    assert not (tmp_path / "lm" / "summary.json").exists()
