@@ -8,6 +8,7 @@ from ml_collections import ConfigDict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_DIR = os.path.join(REPO, "data", "hh-rlhf")
+SE_DIR = os.path.join(REPO, "data", "stackexchange")
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 
 # Nested data fractions for scaling sweeps (a smaller one is a subset of every larger one).
@@ -42,6 +43,39 @@ def lm_config(**overrides) -> ConfigDict:
         init_from="",
         resume="",
         optim=optim_config(lr=3e-3, warmup_steps=15),
+    ))
+    c.update(overrides)
+    return c
+
+
+def pm_config(stage: str = "pm", **overrides) -> ConfigDict:
+    """A `pmp` (StackExchange) or `pm` (HH comparisons) stage. LRs are ratios of the LM's
+    base LR (PAPER.md §3: 0.1× for PMP, 0.01× for finetuning), one epoch, constant LR."""
+    c = ConfigDict(dict(
+        stage=stage,
+        model="6M",  # used only without init_from
+        model_overrides=ConfigDict(dict(max_len=512)),
+        tokenizer="byte",  # used only without init_from (else the export's tokenizer)
+        init_from="{workdir}/lm/params" if stage == "pmp" else "{workdir}/pmp/params",
+        resume="",
+        data=ConfigDict(dict(kind="stackexchange" if stage == "pmp" else "hh", hh_dir=HH_DIR,
+                             subsets=HH_SUBSETS, se_dir=SE_DIR, binarize=True, fraction=1.0,
+                             skip_invalid=True)),
+        eval=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS, max_pairs=0)),
+        max_len=512,
+        batch_size=16,
+        eval_batch_size=32,
+        epochs=1,
+        base_lr=3e-3,
+        lr_ratio=0.1 if stage == "pmp" else 0.01,
+        harmless_weight=1.0,
+        lm_coef=0.0,
+        log_every=25,
+        eval_every=1_000_000,
+        ckpt_every=100,
+        mesh=(-1, 1, 1),
+        seed=0,
+        optim=optim_config(lr=3e-4, warmup_steps=10, schedule="constant"),
     ))
     c.update(overrides)
     return c

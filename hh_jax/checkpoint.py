@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -73,6 +74,24 @@ def read_meta(path: str) -> dict:
         raise FileNotFoundError(f"{meta_path}: not a params export (no meta.json)")
     with open(meta_path) as f:
         return json.load(f)
+
+
+def tokenizer_spec(path: str) -> str:
+    """The tokenizer an export was trained with: a file inside it, or a named spec."""
+    spec = read_meta(path)["tokenizer"]
+    local = os.path.join(os.path.abspath(path), spec)
+    return local if os.path.exists(local) else spec
+
+
+def copy_tokenizer(src_export: str, dst_export: str) -> str:
+    """Carries a tokenizer file from one export to the next (exports are self-contained)."""
+    spec = tokenizer_spec(src_export)
+    if not os.path.exists(spec):
+        return spec
+    os.makedirs(dst_export, exist_ok=True)
+    if jax.process_index() == 0:
+        shutil.copyfile(spec, os.path.join(dst_export, os.path.basename(spec)))
+    return os.path.basename(spec)
 
 
 def import_params(path: str, abstract_params: Any | None = None) -> Any:

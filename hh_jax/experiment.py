@@ -17,7 +17,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-STAGES = ("lm",)  # grows with the pipeline: distill, pmp, pm, ppo, bon, eval
+STAGES = ("lm", "pmp", "pm")  # grows with the pipeline: distill, ppo, bon, eval
 
 
 def load_module(path: str):
@@ -101,9 +101,10 @@ def fill_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
 
 def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
     """Runs every stage in `config.stages` under `workdir/<stage>`, skipping complete ones."""
-    from hh_jax import checkpoint, lm, metrics
+    from hh_jax import checkpoint, lm, metrics, pm
 
-    runners = {"lm": lm.train_and_evaluate}
+    runners = {"lm": lm.train_and_evaluate, "pmp": pm.train_and_evaluate,
+               "pm": pm.train_and_evaluate}
     workdir = os.path.abspath(workdir)
     config = fill_workdir(config, workdir)
     os.makedirs(workdir, exist_ok=True)

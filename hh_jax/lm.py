@@ -11,7 +11,6 @@ import functools
 import math
 import os
 import shutil
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +18,9 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, lm_data, losses, metrics, sharding, state
+from hh_jax import checkpoint, lm_data, losses, metrics, sharding, state, trainer
 from hh_jax.model import SIZES, ModelConfig, Transformer
+from hh_jax.optim import make_optimizer
 from hh_jax.tokenizer import unigram_perplexity
 
 
@@ -68,30 +68,6 @@ def evaluate(eval_fn, params, windows_NxL: np.ndarray, batch_size: int, mesh) ->
     return {"eval/loss": loss, "eval/perplexity": math.exp(loss), "eval/tokens": count}
 
 
-def _resume_or_init(cfg, stage_dir, model, optimizer, mesh, dummy_BxL):
-    """Resume order of DESIGN.md §3; returns (state, data_state or None, how)."""
-    boxed_init = lambda: model.init(jax.random.key(cfg.seed), dummy_BxL)  # noqa: E731
-    abstract_params, p_sh = state.param_shardings(boxed_init, mesh)
-    st_sh = state.state_shardings(p_sh, optimizer, abstract_params, mesh)
-    target = checkpoint.abstract_with_shardings(state.abstract_state(abstract_params, optimizer),
-                                                st_sh)
-    ckpts = checkpoint.StageCheckpoints(os.path.join(stage_dir, "checkpoints"))
-    if ckpts.latest_step() is not None:
-        st, data_state = ckpts.restore(target)
-        return st, st_sh, ckpts, data_state, f"resumed at step {int(st.step)}"
-    if cfg.get("resume"):
-        st, data_state = checkpoint.StageCheckpoints(cfg.resume).restore(target)
-        return st, st_sh, ckpts, data_state, f"resumed from {cfg.resume}"
-    if cfg.get("init_from"):
-        params = checkpoint.import_params(
-            cfg.init_from, checkpoint.abstract_with_shardings(abstract_params, p_sh))
-        how = f"params from {cfg.init_from}"
-    else:
-        params, _ = state.init_params(boxed_init, mesh)
-        how = "from scratch"
-    return state.init_state(params, optimizer, st_sh), st_sh, ckpts, None, how
-
-
 def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     """Runs the LM stage into `stage_dir`; returns its summary."""
     os.makedirs(stage_dir, exist_ok=True)
@@ -111,24 +87,29 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     mcfg = model_config(cfg, tok.vocab_size)
     model = Transformer(mcfg)
-    optimizer = optax_for(cfg)
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
     dummy = jnp.zeros((cfg.batch_size, cfg.seq_len), jnp.int32)
-    st, st_sh, ckpts, data_state, how = _resume_or_init(cfg, stage_dir, model, optimizer, mesh,
-                                                        dummy)
+    boxed_init = lambda: model.init(jax.random.key(cfg.seed), dummy)  # noqa: E731
+    st, st_sh, ckpts, data_state, how = trainer.resume_or_init(cfg, stage_dir, boxed_init,
+                                                               optimizer, mesh)
     if data_state is not None:
         batches.check_state(data_state, os.path.join(stage_dir, "checkpoints"))
-    batch_sh = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
-                      in_shardings=(st_sh, batch_sh), out_shardings=(st_sh, None),
-                      donate_argnums=0)
+    step_fn = trainer.jit_train_step(
+        functools.partial(train_step, model=model, optimizer=optimizer), st_sh, mesh)
     eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(st_sh.params, batch_sh))
+                      in_shardings=(st_sh.params, sharding.batch_sharding(mesh)))
     writer = metrics.MetricsWriter(stage_dir)
     print(f"[lm] {mcfg.n_layers}L d{mcfg.d_model} vocab {mcfg.vocab_size}, "
           f"{len(batches.windows_NxL)} train windows of {cfg.seq_len}, {how}", flush=True)
+    pidx, pcount = jax.process_index(), jax.process_count()
     try:
         with sharding.activate(mesh):
-            st = _train_loop(cfg, st, step_fn, eval_fn, batches, eval_NxL, ckpts, writer, mesh)
+            st = trainer.train_loop(
+                "lm", cfg, st, step_fn, lambda step: batches.batch(step, pidx, pcount),
+                batches.state, ckpts, writer, mesh, cfg.steps,
+                real_tokens=lambda b: float(b["weights_BxL"].sum()),
+                evaluate=lambda params, _: evaluate(eval_fn, params, eval_NxL, cfg.batch_size,
+                                                    mesh))
             final = evaluate(eval_fn, st.params, eval_NxL, cfg.batch_size, mesh)
     finally:  # also on NaN / Ctrl-C: let in-flight saves of good checkpoints commit
         ckpts.close()
@@ -147,37 +128,6 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     print(f"[lm] held-out perplexity {final['eval/perplexity']:.2f} "
           f"(unigram {unigram:.2f}) after {int(st.step)} steps", flush=True)
     return summary
-
-
-def optax_for(cfg: ConfigDict) -> optax.GradientTransformation:
-    from hh_jax.optim import make_optimizer
-    return make_optimizer(cfg.optim, cfg.steps)
-
-
-def _train_loop(cfg, st, step_fn, eval_fn, batches, eval_NxL, ckpts, writer, mesh):
-    pending, t0, start = [], time.time(), int(st.step)
-    pidx, pcount = jax.process_index(), jax.process_count()
-    for step in range(start, cfg.steps):
-        batch = sharding.put_batch(batches.batch(step, pidx, pcount), mesh)
-        st, m = step_fn(st, batch)
-        pending.append((step + 1, m))
-        done = step + 1
-        if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or done == cfg.steps:
-            for s, mm in pending:  # NaN guard before anything is saved
-                metrics.check_finite(mm, s, "lm")
-            last = metrics.to_python(pending[-1][1])
-            dt = time.time() - t0
-            last["perf/tokens_per_s"] = len(pending) * cfg.batch_size * cfg.seq_len / dt
-            writer.write(done, last)
-            print(f"[lm] step {done}/{cfg.steps} loss {last['train/loss']:.3f} "
-                  f"{last['perf/tokens_per_s']:.0f} tok/s", flush=True)
-            pending, t0 = [], time.time()
-        if done % cfg.eval_every == 0 and done != cfg.steps:
-            writer.write(done, evaluate(eval_fn, st.params, eval_NxL, cfg.batch_size, mesh))
-            t0 = time.time()  # eval time is not training throughput
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            ckpts.save(done, st, batches.state(done))
-    return st
 
 
 def _export_tokenizer(cfg: ConfigDict, tok, export_dir: str) -> str:

@@ -11,19 +11,23 @@ def _run(args, overrides) -> int:
 
     config = experiment.load_config(args.experiment, overrides)
     summaries = experiment.run(config, args.workdir)
-    for stage, summary in summaries.items():
+    for stage, summary in summaries.items():  # scalars only; summary.json has the rest
         print(f"[{stage}] summary: " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in summary.items() if isinstance(v, int | float)))
     return 0
 
 
 def _sample(args, _) -> int:
     from hh_jax import generate
 
-    for text in generate.sample_from_export(
-            args.params, [args.prompt], max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            raw=args.raw):
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed, raw=args.raw)
+    if args.model:
+        texts = generate.sample_from_pretrained(args.model, [args.prompt], **kw)
+    else:
+        texts = generate.sample_from_export(args.params, [args.prompt], **kw)
+    for text in texts:
         print(text)
     return 0
 
@@ -39,11 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("experiment")
     run.add_argument("--workdir", required=True)
     run.set_defaults(fn=_run)
-    smp = sub.add_parser("sample", help="continue a prompt with a trained model")
-    smp.add_argument("--params", required=True, help="a stage's params export directory")
+    smp = sub.add_parser("sample", help="continue a prompt with a trained or pretrained model")
+    src = smp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--params", help="a stage's params export directory")
+    src.add_argument("--model", help="a pretrained model: smollm2-135m, a .gguf file or a "
+                     "Hugging Face checkpoint dir (prompted in its own chat format)")
     smp.add_argument("--prompt", required=True)
     smp.add_argument("--max-new-tokens", type=int, default=64)
-    smp.add_argument("--temperature", type=float, default=0.7)
+    smp.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     smp.add_argument("--top-k", type=int, default=0)
     smp.add_argument("--top-p", type=float, default=0.95)
     smp.add_argument("--seed", type=int, default=0)

@@ -53,9 +53,12 @@ class ModelConfig:
 
 def _paper(n_layers: int, d_model: int) -> ModelConfig:
     # PAPER.md §2: d_model = 128·L (a fit to 12·L·d² ≈ the reported non-embedding sizes),
-    # head dim 128, ffw 4d, 8192-token context; vocab not given (65,536 assumed).
+    # head dim 128, 8192-token context; vocab not given (65,536 assumed). The paper's MLP
+    # is 4d wide with two matrices; our SwiGLU has three, so d_ff = 8d/3 (rounded up to a
+    # multiple of 128) keeps the MLP at 8·d² and the layer at ≈ 12·d² parameters.
+    d_ff = -(-8 * d_model // 3 // 128) * 128
     return ModelConfig(vocab_size=65_536, d_model=d_model, n_layers=n_layers,
-                       n_heads=d_model // 128, n_kv_heads=d_model // 128, d_ff=4 * d_model,
+                       n_heads=d_model // 128, n_kv_heads=d_model // 128, d_ff=d_ff,
                        max_len=8192, tie_embeddings=False)
 
 
@@ -107,6 +110,29 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+class Linear(nn.Module):
+    """x contracted over its last `n_in` axes with a kernel of shape in_shape + out_shape.
+
+    nn.DenseGeneral creates multi-axis kernels flat and reshapes them, which breaks
+    logical-axis constraints on the boxed value under a mesh; this keeps the full shape.
+    """
+
+    out_shape: tuple[int, ...]
+    n_in: int
+    axes: tuple[str | None, ...]
+    std: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = tuple(x.shape[-self.n_in:]) + tuple(self.out_shape)
+        kernel = self.param("kernel", _init(self.std, self.axes), shape, self.param_dtype)
+        axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                   (axes, ((), ())))
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -115,9 +141,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         std = cfg.d_model ** -0.5
-        dense = lambda feats, axes, name: nn.DenseGeneral(  # noqa: E731
-            feats, axis=-1, use_bias=False, dtype=dtype, param_dtype=pdtype, name=name,
-            kernel_init=_init(std, axes))
+        dense = lambda feats, axes, name: Linear(  # noqa: E731
+            feats, 1, axes, std, dtype, pdtype, name=name)
         q_BxLxHxK = dense((cfg.n_heads, cfg.k), ("embed", "heads", "kv"), "q")(x_BxLxD)
         k_BxLxGxK = dense((cfg.n_kv_heads, cfg.k), ("embed", "kv_heads", "kv"), "k")(x_BxLxD)
         v_BxLxGxK = dense((cfg.n_kv_heads, cfg.k), ("embed", "kv_heads", "kv"), "v")(x_BxLxD)
@@ -135,10 +160,9 @@ class Attention(nn.Module):
         out_BxLxHxK = jax.nn.dot_product_attention(
             q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxS,
             implementation=cfg.attention_impl)
-        out_BxLxD = nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
-            name="o", kernel_init=_init((cfg.n_heads * cfg.k) ** -0.5 / (2 * cfg.n_layers) ** 0.5,
-                                        ("heads", "kv", "embed")))(out_BxLxHxK)
+        std_o = (cfg.n_heads * cfg.k) ** -0.5 / (2 * cfg.n_layers) ** 0.5
+        out_BxLxD = Linear((cfg.d_model,), 2, ("heads", "kv", "embed"), std_o, dtype, pdtype,
+                           name="o")(out_BxLxHxK)
         return out_BxLxD, new_cache
 
 
@@ -149,9 +173,8 @@ class MLP(nn.Module):
     def __call__(self, x_BxLxD):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        dense = lambda feats, std, axes, name: nn.Dense(  # noqa: E731
-            feats, use_bias=False, dtype=dtype, param_dtype=pdtype, name=name,
-            kernel_init=_init(std, axes))
+        dense = lambda feats, std, axes, name: Linear(  # noqa: E731
+            (feats,), 1, axes, std, dtype, pdtype, name=name)
         gate_BxLxF = dense(cfg.d_ff, cfg.d_model ** -0.5, ("embed", "mlp"), "gate")(x_BxLxD)
         up_BxLxF = dense(cfg.d_ff, cfg.d_model ** -0.5, ("embed", "mlp"), "up")(x_BxLxD)
         h_BxLxF = nn.with_logical_constraint(nn.silu(gate_BxLxF) * up_BxLxF,
@@ -194,6 +217,7 @@ def attention_mask(q_pos_L: Array, kv_valid_BxS: Array, q_segment_BxL: Array | N
 class Transformer(nn.Module):
     """tokens_BxL → {"logits_BxLxV" (float32), "hidden_BxLxD", "cache"}.
 
+    `with_logits=False` skips the LM head (PM reward / value models read hidden states).
     Without a cache: `mask_BxL` marks real tokens (padding is never attended to) and
     `segment_ids_BxL` optionally keeps packed documents apart. With a cache (decoding):
     the chunk is written at `cache["index"]` and attends to slots where `kv_valid_BxS`.
@@ -203,7 +227,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL=None, mask_BxL=None, segment_ids_BxL=None,
-                 cache=None, kv_valid_BxS=None):
+                 cache=None, kv_valid_BxS=None, with_logits: bool = True):
         cfg = self.cfg
         b, length = tokens_BxL.shape
         if mask_BxL is None:
@@ -230,13 +254,14 @@ class Transformer(nn.Module):
             x_BxLxD, positions_BxL, mask, layer_cache)
         hidden_BxLxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                                name="final_norm")(x_BxLxD)
+        if not with_logits and not self.is_initializing():  # PM / value: hidden states only
+            return {"logits_BxLxV": None, "hidden_BxLxD": hidden_BxLxD, "cache": None}
         if cfg.tie_embeddings:
             logits_BxLxV = embed.attend(hidden_BxLxD)
         else:
-            logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                                    param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head",
-                                    kernel_init=_init(cfg.d_model ** -0.5, ("embed", "vocab")))(
-                hidden_BxLxD)
+            logits_BxLxV = Linear((cfg.vocab_size,), 1, ("embed", "vocab"), cfg.d_model ** -0.5,
+                                  jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                                  name="lm_head")(hidden_BxLxD)
         logits_BxLxV = nn.with_logical_constraint(
             logits_BxLxV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
         new_cache = None
@@ -262,6 +287,7 @@ class ScalarHead(nn.Module):
 
     d_model: int
     zero_init: bool = False  # value heads start at 0 (RLHF_PRACTICE.md §2.9)
+    use_bias: bool = True  # a PM has none: the BT loss is blind to it (zero gradient)
 
     @nn.compact
     def __call__(self, hidden_BxLxD: Array) -> Array:
@@ -269,9 +295,11 @@ class ScalarHead(nn.Module):
                 else nn.initializers.normal((self.d_model + 1) ** -0.5))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, ("embed",)),
                             (self.d_model,), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ()),
-                          (), jnp.float32)
-        return hidden_BxLxD.astype(jnp.float32) @ kernel + bias
+        out = hidden_BxLxD.astype(jnp.float32) @ kernel
+        if not self.use_bias:
+            return out
+        return out + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ()),
+                                (), jnp.float32)
 
 
 def gather_at(x_BxLx_: Array, index_B: Array) -> Array:

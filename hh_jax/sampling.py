@@ -79,7 +79,8 @@ def sample(params, prompt_BxQ: jax.Array, prompt_mask_BxQ: jax.Array, rng: jax.A
     positions_BxQ = jnp.maximum(jnp.cumsum(prompt_mask_BxQ, axis=1) - 1, 0)
     out = model.apply(params, prompt_BxQ, positions_BxL=positions_BxQ,
                       cache=init_cache(model.cfg, b, q + r), kv_valid_BxS=kv_valid_BxS)
-    init = dict(i=jnp.zeros((), jnp.int32), cache=out["cache"], logits_BxV=out["logits_BxLxV"][:, -1],
+    init = dict(i=jnp.zeros((), jnp.int32), cache=out["cache"],
+                logits_BxV=out["logits_BxLxV"][:, -1],
                 kv_valid_BxS=kv_valid_BxS, pos_B=prompt_mask_BxQ.sum(axis=1).astype(jnp.int32),
                 done_B=jnp.zeros((b,), bool), tokens_BxR=jnp.full((b, r), pad_id, jnp.int32),
                 logprobs_BxR=jnp.zeros((b, r), jnp.float32), rng=rng)

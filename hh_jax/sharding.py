@@ -66,9 +66,10 @@ def logical_shardings(logical_specs, mesh: Mesh):
     return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batches split over the data-parallel axes (data × fsdp) on their leading dim."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches split over the data-parallel axes (data × fsdp) on their leading dim; the
+    spec names only that dim, so one sharding fits arrays of any rank."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -78,7 +79,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def activate(mesh: Mesh):
     """Mesh + rules in context, so `nn.with_logical_constraint` inside jit takes effect."""
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         yield
 
 
@@ -94,6 +95,6 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """
     out = {}
     for name, x in batch.items():
-        sharding = batch_sharding(mesh, np.ndim(x))
+        sharding = batch_sharding(mesh)
         out[name] = jax.make_array_from_process_local_data(sharding, np.asarray(x))
     return out

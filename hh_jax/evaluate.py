@@ -1,0 +1,120 @@
+"""PM evaluation in numpy: accuracy with intervals, baselines, calibration, plots.
+
+Inputs are per-pair arrays gathered on the host after scoring: r_chosen_P, r_rejected_P
+(P pairs), the subset name, the number of Human turns and the response lengths.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion k/n."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (centre - half, centre + half)
+
+
+def _acc(correct_P: np.ndarray) -> dict:
+    n = int(len(correct_P))
+    k = float(correct_P.sum())
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n if n else float("nan"), "ci95": [lo, hi], "n": n}
+
+
+def longer_wins(len_chosen_P: np.ndarray, len_rejected_P: np.ndarray) -> np.ndarray:
+    """The "longer response wins" baseline per pair: 1, 0, or 0.5 on ties."""
+    return np.where(len_chosen_P == len_rejected_P, 0.5,
+                    (len_chosen_P > len_rejected_P).astype(np.float64))
+
+
+def calibration(delta_P: np.ndarray, bins: int = 10) -> dict:
+    """Reliability of P(chosen ≻ rejected) = σ(Δ), Δ = r_chosen − r_rejected.
+
+    Each pair enters in both orders, (σ(Δ), 1) and (σ(−Δ), 0), so predictions span [0, 1]
+    and the diagram is symmetric; ECE = Σ_b (n_b / N)·|observed_b − predicted_b|.
+    """
+    p = 1.0 / (1.0 + np.exp(-np.asarray(delta_P, np.float64)))
+    pred = np.concatenate([p, 1 - p])
+    obs = np.concatenate([np.ones_like(p), np.zeros_like(p)])
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(pred, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        sel = which == b
+        n = int(sel.sum())
+        if n == 0:
+            table.append({"lo": edges[b], "hi": edges[b + 1], "n": 0})
+            continue
+        predicted, observed = float(pred[sel].mean()), float(obs[sel].mean())
+        ece += n / len(pred) * abs(observed - predicted)
+        table.append({"lo": edges[b], "hi": edges[b + 1], "n": n, "predicted": predicted,
+                      "observed": observed})
+    return {"ece": ece, "bins": table}
+
+
+def pm_report(r_chosen_P, r_rejected_P, subsets: Sequence[str], turns_P, len_chosen_P,
+              len_rejected_P) -> dict:
+    """Accuracy overall / per subset / per turn with 95% intervals, length baselines,
+    calibration and score statistics (mean/std: the normalisation PPO uses)."""
+    rc, rr = np.asarray(r_chosen_P, np.float64), np.asarray(r_rejected_P, np.float64)
+    correct = (rc > rr).astype(np.float64) + 0.5 * (rc == rr)
+    base = longer_wins(np.asarray(len_chosen_P), np.asarray(len_rejected_P))
+    subsets = np.asarray(subsets, dtype=object)
+    turns = np.asarray(turns_P)
+    out = {"overall": {**_acc(correct), "longer_wins": float(base.mean())}}
+    out["per_subset"] = {s: {**_acc(correct[subsets == s]),
+                             "longer_wins": float(base[subsets == s].mean())}
+                         for s in sorted(set(subsets))}
+    out["per_turn"] = {int(t): _acc(correct[turns == t]) for t in sorted(set(turns.tolist()))}
+    out["calibration"] = calibration(rc - rr)
+    scores = np.concatenate([rc, rr])
+    out["scores"] = {"mean": float(scores.mean()), "std": float(scores.std()),
+                     "mean_margin": float((rc - rr).mean())}
+    return out
+
+
+def format_table(report: dict, title: str) -> str:
+    lines = [title, f"{'subset':<28}{'n':>6}  {'accuracy':>8}  {'95% CI':>15}  {'longer':>6}"]
+    rows = list(report["per_subset"].items()) + [("ALL", report["overall"])]
+    for name, r in rows:
+        lo, hi = r["ci95"]
+        lines.append(f"{name:<28}{r['n']:>6}  {r['accuracy']:>8.3f}  [{lo:.3f}, {hi:.3f}]  "
+                     f"{r['longer_wins']:>6.3f}")
+    turns = ", ".join(f"{t}: {r['accuracy']:.3f} (n={r['n']})"
+                      for t, r in report["per_turn"].items())
+    lines.append(f"accuracy by Human turns: {turns}")
+    lines.append(f"ECE {report['calibration']['ece']:.4f}; scores mean "
+                 f"{report['scores']['mean']:.3f} std {report['scores']['std']:.3f}")
+    return "\n".join(lines)
+
+
+def reliability_plot(report: dict, path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in report["calibration"]["bins"] if b["n"] > 0]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], "o-",
+            label=f"PM (ECE {report['calibration']['ece']:.3f})")
+    ax.set_xlabel("predicted P(A preferred) = σ(r_A − r_B)")
+    ax.set_ylabel("observed frequency A preferred")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,279 @@
+"""Stages `pmp` and `pm`: preference models (PAPER.md §3–4) with one code path.
+
+PM = Transformer backbone + ScalarHead read at the end-of-context token (the last real
+token of `context + response + EOC`). Loss: Bradley–Terry, log(1 + exp(r_bad − r_good))
+(eq. 4.2), weighted λ on harmless-subset pairs (§5.1), plus an optional LM term. Chosen and
+rejected go through the model as one batch of 2B rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import ConfigDict
+
+from hh_jax import (
+    checkpoint,
+    data,
+    evaluate,
+    loaders,
+    losses,
+    metrics,
+    sharding,
+    stackexchange,
+    state,
+    trainer,
+)
+from hh_jax.model import SIZES, ModelConfig, ScalarHead, Transformer, gather_at
+from hh_jax.optim import make_optimizer
+from hh_jax.tokenizer import load_tokenizer
+
+
+def pm_scores(params, tokens_BxL, len_B, *, model: Transformer, with_logits: bool = False):
+    """(scores_B, logits_BxLxV or None): the head on the hidden state at index len_B − 1."""
+    mask_BxL = jnp.arange(tokens_BxL.shape[1])[None, :] < len_B[:, None]
+    out = model.apply(params["backbone"], tokens_BxL, mask_BxL=mask_BxL, with_logits=with_logits)
+    hidden_BxD = gather_at(out["hidden_BxLxD"], len_B - 1)
+    head = ScalarHead(model.cfg.d_model, use_bias=False)
+    return head.apply(params["head"], hidden_BxD), out["logits_BxLxV"]
+
+
+def bradley_terry(r_good_B: jax.Array, r_bad_B: jax.Array, weight_B: jax.Array) -> jax.Array:
+    """Weighted mean of log(1 + exp(r_bad − r_good)) (PAPER.md eq. 4.2)."""
+    per_B = jax.nn.softplus(r_bad_B - r_good_B)
+    return (per_B * weight_B).sum() / jnp.maximum(weight_B.sum(), 1e-8)
+
+
+def pm_loss(params, batch, model: Transformer, lm_coef: float):
+    b = batch["chosen_tokens_BxL"].shape[0]
+    tokens_2BxL = jnp.concatenate([batch["chosen_tokens_BxL"], batch["rejected_tokens_BxL"]])
+    len_2B = jnp.concatenate([batch["chosen_len_B"], batch["rejected_len_B"]])
+    r_2B, logits = pm_scores(params, tokens_2BxL, len_2B, model=model, with_logits=lm_coef > 0)
+    r_good_B, r_bad_B = r_2B[:b], r_2B[b:]
+    w_B = batch["weight_B"]
+    loss = bradley_terry(r_good_B, r_bad_B, w_B)
+    aux = {"train/bt_loss": loss,
+           "train/accuracy": ((r_good_B > r_bad_B) * w_B).sum() / jnp.maximum(w_B.sum(), 1e-8),
+           "train/margin": ((r_good_B - r_bad_B) * w_B).sum() / jnp.maximum(w_B.sum(), 1e-8)}
+    if lm_coef > 0:  # next-token loss on the chosen dialogue (A21's PMP adds an LM term)
+        positions = jnp.arange(tokens_2BxL.shape[1])[None, :]
+        weights = (positions < batch["chosen_len_B"][:, None] - 1) * (w_B[:, None] > 0)
+        nll, count = losses.next_token_xent(logits[:b], batch["chosen_tokens_BxL"], weights)
+        aux["train/lm_loss"] = nll / jnp.maximum(count, 1.0)
+        loss = loss + lm_coef * aux["train/lm_loss"]
+    aux["train/loss"] = loss
+    return loss, aux
+
+
+def train_step(st: state.TrainState, batch, *, model: Transformer,
+               optimizer: optax.GradientTransformation, lm_coef: float = 0.0):
+    (_, aux), grads = jax.value_and_grad(pm_loss, has_aux=True)(st.params, batch, model, lm_coef)
+    updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+    params = optax.apply_updates(st.params, updates)
+    aux["train/grad_norm"] = optax.global_norm(grads)
+    return st.replace(step=st.step + 1, params=params, opt_state=opt_state), aux
+
+
+def score_step(params, batch, *, model: Transformer):
+    """(r_chosen_B, r_rejected_B) for evaluation."""
+    b = batch["chosen_tokens_BxL"].shape[0]
+    length = max(batch["chosen_tokens_BxL"].shape[1], batch["rejected_tokens_BxL"].shape[1])
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1])))  # noqa: E731
+    tokens_2BxL = jnp.concatenate([pad(batch["chosen_tokens_BxL"]),
+                                   pad(batch["rejected_tokens_BxL"])])
+    len_2B = jnp.concatenate([batch["chosen_len_B"], batch["rejected_len_B"]])
+    r_2B, _ = pm_scores(params, tokens_2BxL, len_2B, model=model)
+    return r_2B[:b], r_2B[b:]
+
+
+# ------------------------------------------------------------------------------ the stage
+def load_comparisons(dcfg: ConfigDict) -> tuple[list, dict]:
+    """Training comparisons of a stage's data config, and the load report's totals."""
+    if dcfg.kind == "hh":
+        comps, report = data.load_hh_comparisons(dcfg.hh_dir, subsets=list(dcfg.subsets) or None,
+                                                 skip_invalid=dcfg.skip_invalid)
+        comps = data.data_fraction(data.select_split(comps, "train"), dcfg.fraction)
+    elif dcfg.kind == "stackexchange":
+        comps, report = stackexchange.load_stackexchange(
+            dcfg.se_dir, binarize=dcfg.binarize, skip_invalid=dcfg.skip_invalid)
+        comps = data.data_fraction(comps, dcfg.fraction)
+    else:
+        raise ValueError(f"data.kind must be 'hh' or 'stackexchange', got {dcfg.kind!r}")
+    total = report.total.to_json()
+    return comps, {"rows": total["rows"], "comparisons": total["comparisons"],
+                   "skipped": total["skipped"], "used": len(comps)}
+
+
+def length_grouped(comps: list, lengths: np.ndarray, batch: int, seed: int, window: int = 32
+                   ) -> list:
+    """Shuffled order in which each batch holds pairs of similar length.
+
+    Shuffle, cut into windows of `window` batches, sort each window by length, cut into
+    batches, shuffle the batches: padding per batch shrinks (the buckets of the loader
+    then fit tightly) while the order stays random at the batch level.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(comps))
+    n = len(order) // batch * batch
+    order, rest = order[:n], order[n:]
+    batches = []
+    for w in range(0, n, window * batch):
+        chunk = order[w:w + window * batch]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch] for i in range(0, len(chunk), batch)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    return [comps[i] for b in batches for i in b] + [comps[i] for i in rest]
+
+
+def _turns(context: str) -> int:
+    return context.count("\n\nHuman:")
+
+
+def score_pairs(score_fn, params, comps, tok, cfg: ConfigDict, mesh) -> dict:
+    """Scores every pair once (padding rows dropped); returns the evaluate.pm_report."""
+    ds = loaders.pm_dataset(comps, tok, max_len=cfg.max_len, global_batch=cfg.eval_batch_size,
+                            seed=0, shuffle=False, drop_remainder=False)
+    rc, rr, w = [], [], []
+    for batch in ds:
+        c, r = score_fn(params, sharding.put_batch(
+            {k: v for k, v in batch.items() if v.dtype != object}, mesh))
+        rc.append(np.asarray(jax.device_get(c)))
+        rr.append(np.asarray(jax.device_get(r)))
+        w.append(batch["weight_B"])
+    keep = np.concatenate(w) > 0
+    rc, rr = np.concatenate(rc)[keep], np.concatenate(rr)[keep]
+    assert len(rc) == len(comps), (len(rc), len(comps))
+    return evaluate.pm_report(rc, rr, [c.subset for c in comps], [_turns(c.context) for c in comps],
+                              [len(c.chosen) for c in comps], [len(c.rejected) for c in comps])
+
+
+def _model_and_tokenizer(cfg: ConfigDict):
+    if cfg.get("init_from"):
+        meta = checkpoint.read_meta(cfg.init_from)
+        mcfg = ModelConfig(**meta["model"])
+        tok = load_tokenizer(checkpoint.tokenizer_spec(cfg.init_from))
+        return mcfg.replace(**dict(cfg.get("model_overrides", {}) or {})), tok, meta["stage"]
+    tok = load_tokenizer(cfg.tokenizer)
+    overrides = dict(cfg.get("model_overrides", {}) or {})
+    return SIZES[cfg.model].replace(vocab_size=tok.vocab_size, **overrides), tok, None
+
+
+def _loader_from(init_stage: str | None, head_init, head_sh):
+    """init_from an LM export fills the backbone and starts a fresh head; a PM/PMP export
+    fills both."""
+    def load(path, target):
+        if init_stage in ("pm", "pmp"):
+            return checkpoint.import_params(path, target)
+        backbone = checkpoint.import_params(path, target["backbone"])
+        return {"backbone": backbone, "head": jax.jit(head_init, out_shardings=head_sh)()}
+    return load
+
+
+def heldout_pairs(ecfg: ConfigDict) -> list:
+    comps, _ = data.load_hh_comparisons(ecfg.hh_dir, subsets=list(ecfg.subsets) or None,
+                                        skip_invalid=True)
+    held = data.select_split(comps, "heldout")
+    if ecfg.max_pairs and ecfg.max_pairs < len(held):  # a fixed, nested subset
+        held = data.data_fraction(held, ecfg.max_pairs / len(held))
+    return held
+
+
+def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
+    """Runs a `pmp` or `pm` stage into `stage_dir`; returns its summary."""
+    name = cfg.stage
+    os.makedirs(stage_dir, exist_ok=True)
+    mcfg, tok, init_stage = _model_and_tokenizer(cfg)
+    comps, data_report = load_comparisons(cfg.data)
+    lengths = np.asarray([len(c.context) + max(len(c.chosen), len(c.rejected)) for c in comps])
+    ordered = []
+    for epoch in range(cfg.epochs):  # one fresh length-grouped order per epoch
+        ordered += length_grouped(comps, lengths, cfg.batch_size, cfg.seed + epoch)
+    ds = loaders.pm_dataset(ordered, tok, max_len=cfg.max_len, global_batch=cfg.batch_size,
+                            seed=cfg.seed, shuffle=False, drop_remainder=True)
+    total_steps = len(comps) // cfg.batch_size * cfg.epochs
+    held = heldout_pairs(cfg.eval)
+    print(f"[{name}] {data_report['used']} training pairs ({data_report}), {total_steps} steps; "
+          f"{len(held)} held-out HH pairs", flush=True)
+    mesh = sharding.make_mesh(cfg.mesh)
+    model, head = Transformer(mcfg), ScalarHead(mcfg.d_model, use_bias=False)
+    lr = cfg.base_lr * cfg.lr_ratio  # PAPER.md §3: PMP 0.1×, finetune 0.01× the LM's LR
+    optimizer = make_optimizer(ConfigDict({**cfg.optim.to_dict(), "lr": lr}), total_steps)
+    dummy_BxL = jnp.zeros((2, 8), jnp.int32)
+    head_init = lambda: head.init(jax.random.key(cfg.seed + 1),  # noqa: E731
+                                  jnp.zeros((2, mcfg.d_model)))
+    boxed_init = lambda: {"backbone": model.init(jax.random.key(cfg.seed), dummy_BxL),  # noqa
+                          "head": head_init()}
+    _, p_sh = state.param_shardings(boxed_init, mesh)
+    st, st_sh, ckpts, data_state, how = trainer.resume_or_init(
+        cfg, stage_dir, boxed_init, optimizer, mesh,
+        _loader_from(init_stage, lambda: nn.unbox(head_init()), p_sh["head"]))
+    it = iter(ds)
+    if data_state is not None:
+        it.set_state(data_state["iterator"])
+    step_fn = trainer.jit_train_step(functools.partial(
+        train_step, model=model, optimizer=optimizer, lm_coef=cfg.lm_coef), st_sh, mesh)
+    score_fn = jax.jit(functools.partial(score_step, model=model))
+    writer = metrics.MetricsWriter(stage_dir)
+    print(f"[{name}] {mcfg.n_layers}L d{mcfg.d_model}, lr {lr:.2e}, {how}", flush=True)
+    weight = _pair_weights(cfg)
+    eval_fn = lambda params, _: _eval_metrics(score_pairs(score_fn, params, held, tok, cfg, mesh))  # noqa
+    try:
+        with sharding.activate(mesh):
+            st = trainer.train_loop(
+                name, cfg, st, step_fn, lambda _: weight(next(it)),
+                lambda _: {"iterator": it.get_state()}, ckpts, writer, mesh, total_steps,
+                evaluate=eval_fn, real_tokens=_real_tokens)
+            report = score_pairs(score_fn, st.params, held, tok, cfg, mesh)
+    finally:
+        ckpts.close()
+    writer.write(int(st.step), _eval_metrics(report))
+    writer.close()
+    return _finish(cfg, stage_dir, st, mcfg, report, data_report, len(held))
+
+
+def _pair_weights(cfg: ConfigDict):
+    """λ-weighting of harmless pairs (PAPER.md §5.1: L = L_help + λ·L_harm)."""
+    def apply(batch):
+        harmless = np.asarray([s == "harmless-base" for s in batch["subset_B"]])
+        batch["weight_B"] = batch["weight_B"] * np.where(harmless, cfg.harmless_weight, 1.0
+                                                         ).astype(np.float32)
+        return batch
+    return apply
+
+
+def _real_tokens(batch) -> float:
+    live = batch["weight_B"] > 0
+    return float((batch["chosen_len_B"] + batch["rejected_len_B"])[live].sum())
+
+
+def _eval_metrics(report: dict) -> dict:
+    out = {"eval/accuracy": report["overall"]["accuracy"],
+           "eval/ece": report["calibration"]["ece"],
+           "eval/longer_wins": report["overall"]["longer_wins"]}
+    out.update({f"eval/accuracy/{s}": r["accuracy"] for s, r in report["per_subset"].items()})
+    return out
+
+
+def _finish(cfg, stage_dir, st, mcfg, report, data_report, n_held) -> dict:
+    name = cfg.stage
+    export_dir = os.path.join(stage_dir, "params")
+    tok_name = (checkpoint.copy_tokenizer(cfg.init_from, export_dir) if cfg.get("init_from")
+                else cfg.tokenizer)
+    checkpoint.export_params(export_dir, st.params, {
+        "stage": name, "step": int(st.step), "model": dataclasses.asdict(mcfg),
+        "tokenizer": tok_name, "scores": report["scores"], "max_len": cfg.max_len})
+    table = evaluate.format_table(report, f"[{name}] held-out HH accuracy ({n_held} pairs)")
+    print(table, flush=True)
+    evaluate.reliability_plot(report, os.path.join(stage_dir, "calibration.png"),
+                              f"{name}: held-out HH pairs")
+    summary = {**_eval_metrics(report), "report": report, "steps": int(st.step),
+               "data": data_report, "heldout_pairs": n_held}
+    metrics.write_summary(stage_dir, summary)
+    return summary

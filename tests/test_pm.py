@@ -1,0 +1,197 @@
+"""Preference models: BT loss, planted-signal learning, sharding, resume, evaluation."""
+
+import functools
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hh_jax import checkpoint, data, evaluate, experiment, metrics, pm, sharding, state
+from hh_jax.model import SIZES, ScalarHead, Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bradley_terry_matches_numpy():
+    rng = np.random.default_rng(0)
+    good, bad, w = rng.normal(size=64), rng.normal(size=64), rng.uniform(0, 2, size=64)
+    ref = (np.log1p(np.exp(bad - good)) * w).sum() / w.sum()
+    got = pm.bradley_terry(jnp.asarray(good), jnp.asarray(bad), jnp.asarray(w))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    # large margins stay finite (softplus, not log(1+exp))
+    assert np.isfinite(pm.bradley_terry(jnp.array([0.0]), jnp.array([200.0]), jnp.ones(1)))
+
+
+def test_wilson_interval_matches_closed_form():
+    lo, hi = evaluate.wilson_interval(81, 100)  # textbook value: [0.7222, 0.8749]
+    np.testing.assert_allclose([lo, hi], [0.72216, 0.87492], atol=1e-4)
+
+
+def test_calibrated_scores_have_near_zero_ece():
+    rng = np.random.default_rng(1)
+    delta = rng.normal(0, 2, size=200_000)
+    chosen_wins = rng.uniform(size=delta.size) < 1 / (1 + np.exp(-delta))
+    # the labelled "chosen" is the winner: its margin is +Δ when A won, −Δ otherwise
+    margin = np.where(chosen_wins, delta, -delta)
+    assert evaluate.calibration(margin)["ece"] < 0.01
+    assert evaluate.calibration(3 * margin)["ece"] > 0.05  # over-confident is caught
+
+
+def test_report_baselines_and_turns():
+    rep = evaluate.pm_report([1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 1.0],
+                             ["a", "a", "b", "b"], [1, 1, 2, 2], [10, 5, 3, 3], [5, 10, 3, 9])
+    assert rep["overall"]["accuracy"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)
+    assert rep["per_subset"]["a"]["longer_wins"] == 0.5
+    assert rep["per_subset"]["b"]["longer_wins"] == pytest.approx((0.5 + 0) / 2)
+    assert rep["per_turn"][2]["n"] == 2
+
+
+def _write_planted(root, n=400, seed=0):
+    """HH-format files where the chosen response carries the marker word 'zebra'."""
+    rng = np.random.default_rng(seed)
+    words = ["apple", "river", "stone", "cloud", "green", "quiet", "paper", "light"]
+    os.makedirs(root / "helpful-base", exist_ok=True)
+    with gzip.open(root / "helpful-base" / "test.jsonl.gz", "wt") as f:
+        for i in range(n):
+            ctx = f"\n\nHuman: q{i} " + " ".join(rng.choice(words, 3)) + "\n\nAssistant:"
+            body = " ".join(rng.choice(words, 4))
+            good, bad = f" {body} zebra", f" {body} {rng.choice(words)}"
+            f.write(json.dumps({"chosen": ctx + good, "rejected": ctx + bad}) + "\n")
+
+
+def _planted_config(root, **kw):
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    from common import pm_config
+
+    c = pm_config("pm", init_from="", model="test", tokenizer="byte", base_lr=3e-3,
+                  lr_ratio=1.0, max_len=64, batch_size=16, eval_batch_size=32, epochs=4,
+                  log_every=10, ckpt_every=10, **kw)
+    c.data.hh_dir = c.eval.hh_dir = str(root)
+    c.data.subsets = c.eval.subsets = ("helpful-base",)
+    c.model_overrides.max_len = 64
+    return c
+
+
+def test_planted_signal_is_learned(tmp_path):
+    _write_planted(tmp_path / "data")
+    summary = pm.train_and_evaluate(_planted_config(tmp_path / "data"), str(tmp_path / "pm"))
+    assert summary["heldout_pairs"] > 60
+    assert summary["eval/accuracy"] >= 0.99, summary["report"]["overall"]
+    assert os.path.exists(tmp_path / "pm" / "calibration.png")
+    meta = checkpoint.read_meta(tmp_path / "pm" / "params")
+    assert meta["stage"] == "pm" and "std" in meta["scores"]
+
+
+def _pm_state(mesh, model, opt):
+    head = ScalarHead(model.cfg.d_model, use_bias=False)
+    boxed = lambda: {"backbone": model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)),  # noqa
+                     "head": head.init(jax.random.key(1), jnp.zeros((2, model.cfg.d_model)))}
+    abstract, p_sh = state.param_shardings(boxed, mesh)
+    st_sh = state.state_shardings(p_sh, opt, abstract, mesh)
+    return state.init_state(state.init_params(boxed, mesh)[0], opt, st_sh), st_sh
+
+
+def test_pm_step_sharded_equals_single_device(eight_devices):
+    model = Transformer(SIZES["test"])
+    # SGD, not Adam: Adam's g/sqrt(v) turns float noise on ~zero gradients into full steps
+    opt = optax.sgd(0.1)
+    rng = np.random.default_rng(0)
+    batch = {"chosen_tokens_BxL": rng.integers(4, 500, (8, 24), dtype=np.int32),
+             "rejected_tokens_BxL": rng.integers(4, 500, (8, 24), dtype=np.int32),
+             "chosen_len_B": rng.integers(5, 25, 8, dtype=np.int32),
+             "rejected_len_B": rng.integers(5, 25, 8, dtype=np.int32),
+             "weight_B": np.ones(8, np.float32)}
+    results = []
+    for mesh in (sharding.make_mesh((1, 1, 1), eight_devices[:1]),
+                 sharding.make_mesh((2, 2, 2), eight_devices)):
+        st, st_sh = _pm_state(mesh, model, opt)
+        step = jax.jit(functools.partial(pm.train_step, model=model, optimizer=opt),
+                       in_shardings=(st_sh, sharding.batch_sharding(mesh)),
+                       out_shardings=(st_sh, None), donate_argnums=0)
+        with sharding.activate(mesh):
+            for _ in range(2):
+                st, m = step(st, sharding.put_batch(batch, mesh))
+        results.append((jax.device_get(st.params), float(m["train/loss"])))
+    (p1, l1), (p8, l8) = results
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    chex.assert_trees_all_close(p1, p8, rtol=1e-5, atol=1e-6)
+    p0 = jax.device_get(_pm_state(sharding.make_mesh((1, 1, 1), eight_devices[:1]), model,
+                                  opt)[0].params)
+    assert not np.allclose(p0["head"]["params"]["kernel"], p8["head"]["params"]["kernel"])
+
+
+EXPERIMENT = '''"""Planted-signal PM for the resume test.
+
+Command: hh-jax run {path} --workdir DIR
+"""
+import sys
+sys.path.insert(0, {tests!r})
+from test_pm import _planted_config
+from ml_collections import ConfigDict
+import pathlib
+
+
+def get_config(arg=""):
+    c = ConfigDict()
+    c.stages = ("pm",)
+    c.pm = _planted_config(pathlib.Path({root!r}), eval_every=1000)
+    c.pm.epochs, c.pm.ckpt_every, c.pm.log_every = 1, 4, 4
+    return c
+'''
+
+
+def test_pm_stage_sigkill_resume_is_bitwise(tmp_path):
+    _write_planted(tmp_path / "data", n=300)
+    exp = tmp_path / "exp.py"
+    exp.write_text(EXPERIMENT.format(path=exp, tests=os.path.dirname(__file__),
+                                     root=str(tmp_path / "data")))
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one device
+    cmd = lambda wd: [sys.executable, "-m", "hh_jax.main", "run", str(exp), "--workdir", wd]  # noqa
+    subprocess.run(cmd(str(tmp_path / "a")), check=True, env=env, capture_output=True)
+    ckpt = tmp_path / "b" / "pm" / "checkpoints"
+    proc = subprocess.Popen(cmd(str(tmp_path / "b")), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if ckpt.exists() else []
+        if any(s >= 4 for s in steps):
+            break
+        assert proc.poll() is None, "finished before the kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "pm" / "summary.json").exists()
+    subprocess.run(cmd(str(tmp_path / "b")), check=True, env=env, capture_output=True)
+    pa = jax.device_get(checkpoint.import_params(str(tmp_path / "a" / "pm" / "params")))
+    pb = jax.device_get(checkpoint.import_params(str(tmp_path / "b" / "pm" / "params")))
+    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
+        np.testing.assert_array_equal(x, y)
+    sa, sb = (metrics.read_summary(tmp_path / w / "pm") for w in ("a", "b"))
+    assert sa["eval/accuracy"] == sb["eval/accuracy"] and sa["report"] == sb["report"]
+
+
+def test_length_grouped_order_is_a_permutation_with_tight_batches():
+    comps = list(range(100))
+    lengths = np.random.default_rng(0).integers(1, 1000, 100)
+    out = pm.length_grouped(comps, lengths, batch=10, seed=3, window=10)
+    assert sorted(out) == comps
+    spread = [np.ptp(lengths[out[i:i + 10]]) for i in range(0, 100, 10)]
+    assert np.mean(spread) < np.ptp(lengths) / 3
+    assert pm.length_grouped(comps, lengths, 10, 3, 10) == out  # deterministic
+
+
+def test_experiment_pm_split_has_no_heldout_pairs():
+    config = experiment.load_config(os.path.join(REPO, "experiments", "smoke.py"))
+    comps, _ = pm.load_comparisons(config.pm.data)
+    assert comps and all(c.split == "train" for c in comps)
+    assert all(data.split_of(c.first_human) == "train" for c in comps)
