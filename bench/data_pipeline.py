@@ -36,8 +36,9 @@ def machine() -> str:
                          if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{len(os.sched_getaffinity(0))} CPUs usable (nproc), {model}, Python "
-            f"{platform.python_version()}")
+            f"{platform.python_version()}, load average {load} at the end")
 
 
 def best_of(repeats: int, fn) -> float:
@@ -106,7 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, default=4000)
     ap.add_argument("--threads", default="0,1,2,4")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     args.threads = [int(x) for x in args.threads.split(",")]
     rows = []

@@ -106,7 +106,8 @@ def _encode(tok, fmt, text):
     return chat.dialogue_ids(tok, chat.turns_of(text), fmt)
 
 
-def heldout_perplexity(n: int | None, raw: bool, batch_tokens: int = 2048) -> dict:
+def heldout_perplexity(n: int | None, raw: bool, every: int = 1, batch_tokens: int = 2048,
+                       progress: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -115,7 +116,7 @@ def heldout_perplexity(n: int | None, raw: bool, batch_tokens: int = 2048) -> di
     from hh_jax.model import Transformer
 
     texts = lm_data.dialogue_texts(os.path.join(ROOT, "data", "hh-rlhf"), skip_invalid=True)[0]
-    heldout = texts["heldout"][:n] if n else texts["heldout"]
+    heldout = texts["heldout"][::every][:n] if n else texts["heldout"][::every]
     cfg, params, tok = convert.load_pretrained("smollm2-135m")
     fmt = None if raw else chat.format_for(tok)
     model = Transformer(cfg)
@@ -130,10 +131,10 @@ def heldout_perplexity(n: int | None, raw: bool, batch_tokens: int = 2048) -> di
     cut = sum(len(ids) > cfg.max_len for ids, _ in items)
     tot = np.zeros(4)  # nll, tokens, reply nll, reply tokens
     t0, i = time.perf_counter(), 0
+    bucket = lambda n: -(-n // (32 if n <= 256 else 128)) * (32 if n <= 256 else 128)  # noqa: E731
     while i < len(items):
-        rows = max(1, batch_tokens // (-(-len(items[i][0]) // 128) * 128))
-        chunk = items[i: i + rows]
-        width = min(cfg.max_len, -(-max(len(c[0]) for c in chunk) // 128) * 128)
+        chunk = items[i: i + max(1, batch_tokens // bucket(len(items[i][0])))]
+        width = min(cfg.max_len, bucket(max(len(c[0]) for c in chunk)))
         tokens = np.zeros((len(chunk), width), np.int32)
         mask, reply = np.zeros_like(tokens, bool), np.zeros_like(tokens, bool)
         for b, (ids, rep) in enumerate(chunk):
@@ -143,7 +144,12 @@ def heldout_perplexity(n: int | None, raw: bool, batch_tokens: int = 2048) -> di
         valid, rep = mask[:, 1:], reply[:, 1:]
         tot += [out[valid].sum(), valid.sum(), out[rep].sum(), rep.sum()]
         i += len(chunk)
-    res = {"format": "raw hh transcript + EOS" if raw else fmt.name, "dialogues": len(items),
+        if progress:
+            print(f"  {i}/{len(items)} dialogues, {int(tot[1])} tokens, "
+                  f"{time.perf_counter() - t0:.0f} s, ppl so far {np.exp(tot[0] / tot[1]):.3f}",
+                  flush=True)
+    res = {"format": "raw hh transcript + EOS" if raw else fmt.name, "every": every,
+           "heldout_dialogues": len(texts["heldout"]), "dialogues": len(items),
            "truncated_to_max_len": int(cut), "tokens_predicted": int(tot[1]),
            "ppl_all_tokens": float(np.exp(tot[0] / tot[1])), "seconds": time.perf_counter() - t0}
     if raw:
@@ -160,6 +166,8 @@ def main() -> None:
     parser.add_argument("--skip-import", action="store_true")
     parser.add_argument("--ppl", nargs="?", type=int, const=0, default=None,
                         help="held-out perplexity on N dialogues (no N: all)")
+    parser.add_argument("--every", type=int, default=1,
+                        help="perplexity on every k-th held-out dialogue (file order)")
     parser.add_argument("--raw", action="store_true",
                         help="perplexity of the raw HH transcripts instead of ChatML")
     args = parser.parse_args()
@@ -172,7 +180,7 @@ def main() -> None:
             has_tf = False
         bench_import(args.repeats, has_tf)
     if args.ppl is not None:
-        print(json.dumps(heldout_perplexity(args.ppl or None, args.raw)))
+        print(json.dumps(heldout_perplexity(args.ppl or None, args.raw, args.every)))
 
 
 if __name__ == "__main__":

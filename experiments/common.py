@@ -60,7 +60,7 @@ def pm_config(stage: str = "pm", **overrides) -> ConfigDict:
         resume="",
         data=ConfigDict(dict(kind="stackexchange" if stage == "pmp" else "hh", hh_dir=HH_DIR,
                              subsets=HH_SUBSETS, se_dir=SE_DIR, binarize=True, fraction=1.0,
-                             skip_invalid=True)),
+                             skip_invalid=True, half="")),  # half: "a"/"b" of the train split
         eval=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS, max_pairs=0)),
         max_len=512,
         batch_size=16,
@@ -77,5 +77,69 @@ def pm_config(stage: str = "pm", **overrides) -> ConfigDict:
         seed=0,
         optim=optim_config(lr=3e-4, warmup_steps=10, schedule="constant"),
     ))
+    c.update(overrides)
+    return c
+
+
+def ppo_config(**overrides) -> ConfigDict:
+    """PPO against the train PM with a KL penalty to π0 (PAPER.md §5, defaults per paper:
+    λ_KL 0.001, ε 0.2, γ 1, no entropy bonus, K = 1; the open choices as fields)."""
+    c = ConfigDict(dict(
+        stage="ppo",
+        policy_from="{workdir}/lm/params",
+        pm_from="{workdir}/pm/params",
+        test_pm_from="",
+        data=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS)),
+        prompt_len=64,
+        response_len=32,
+        batch_size=16,
+        iterations=40,
+        eval_prompts=64,
+        eval_every=10,
+        log_every=5,
+        ckpt_every=10,
+        base_lr=3e-3,
+        lr_ratio=0.01,  # PAPER.md §5: 0.01× the pretraining LR
+        value_lr_ratio=0.01,
+        value_head_init="pm",  # value model = PM backbone (+ its head, or "zero")
+        normalize_scores=True,  # r ← (r − mean)/std of the PM's held-out scores
+        mesh=(-1, 1, 1),
+        seed=0,
+        ppo=ConfigDict(dict(kl_coef=0.001, kl_target=None, kl_horizon=10_000, clip=0.2,
+                            value_clip=0.2, gamma=1.0, lam=0.95, epochs=1, minibatches=1,
+                            value_coef=1.0, whiten_advantages=True, missing_eos_score=None,
+                            temperature=1.0)),
+        optim=optim_config(lr=3e-5, warmup_steps=0, schedule="constant"),
+    ))
+    c.update(overrides)
+    return c
+
+
+def distill_config(**overrides) -> ConfigDict:
+    """The `distill` stage (context distillation → π0, PAPER.md §5): the LM export is both
+    the teacher (with the HHH prompt prepended) and the student's start; KL to the teacher's
+    top-50 + rest distribution on HH train-split dialogue text; LR 0.05× the LM's base LR,
+    decayed linearly to 0."""
+    c = ConfigDict(dict(
+        init_from="{workdir}/lm/params",
+        teacher="",  # "" → the init_from export; any export with the same tokenizer works
+        prompt_file="",  # "" → hh_jax/prompts/hhh_prompt.txt (see hh_jax/prompts/README.md)
+        resume="",
+        data=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS, skip_invalid=True)),
+        seq_len=128,
+        batch_size=16,
+        steps=100,
+        eval_tokens=16_384,
+        top_k=50,
+        base_lr=3e-3,
+        lr_ratio=0.05,
+        log_every=25,
+        eval_every=50,
+        ckpt_every=50,
+        mesh=(-1, 1, 1),
+        seed=0,
+        optim=optim_config(lr=1.5e-4, warmup_steps=0, schedule="linear"),
+    ))
+    c.optim.lr_min_ratio = 0.0  # decayed linearly to 0
     c.update(overrides)
     return c

@@ -9,16 +9,23 @@ perplexity of the same tokenizer (see README "Results").
 Arg: "tiny" shrinks everything to the "test" model for a seconds-long check.
 """
 
-from common import lm_config, pm_config
+from common import distill_config, lm_config, pm_config, ppo_config
 from ml_collections import ConfigDict
 
 
 def get_config(arg: str = "") -> ConfigDict:
     c = ConfigDict()
-    c.stages = ("lm", "pmp", "pm")
+    c.stages = ("lm", "distill", "pmp", "pm", "pm_test", "ppo")
     c.lm = lm_config()
+    c.distill = distill_config(steps=30)
     c.pmp = pm_config("pmp")
+    # robustness protocol (PAPER.md §4.2): the train PM and the test PM see disjoint halves
     c.pm = pm_config("pm")
+    c.pm.data.half = "a"
+    c.pm_test = pm_config("pm")
+    c.pm_test.data.half = "b"
+    c.ppo = ppo_config(policy_from="{workdir}/distill/params",
+                       test_pm_from="{workdir}/pm_test/params")
     if arg == "tiny":
         c.lm.model = "test"
         c.lm.tokenizer.vocab_size = 512
@@ -26,7 +33,13 @@ def get_config(arg: str = "") -> ConfigDict:
         c.lm.model_overrides.max_len = 128
         c.lm.eval_tokens, c.lm.log_every, c.lm.eval_every, c.lm.ckpt_every = 2048, 2, 4, 2
         c.lm.optim.warmup_steps = 2
-        for stage in (c.pmp, c.pm):
+        c.distill.steps, c.distill.seq_len, c.distill.batch_size = 4, 64, 8
+        c.distill.eval_tokens, c.distill.log_every, c.distill.ckpt_every = 1024, 2, 2
+        c.distill.eval_every = 1000
+        c.ppo.iterations, c.ppo.batch_size, c.ppo.eval_prompts = 4, 8, 16
+        c.ppo.prompt_len, c.ppo.response_len, c.ppo.eval_every, c.ppo.ckpt_every = 32, 8, 2, 2
+        c.ppo.log_every = 1
+        for stage in (c.pmp, c.pm, c.pm_test):
             stage.max_len, stage.batch_size, stage.eval_batch_size = 64, 8, 16
             stage.data.fraction, stage.eval.max_pairs, stage.ckpt_every = 0.02, 32, 4
             stage.log_every = 4

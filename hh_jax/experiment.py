@@ -17,7 +17,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-STAGES = ("lm", "pmp", "pm")  # grows with the pipeline: distill, ppo, bon, eval
+STAGES = ("lm", "pmp", "pm", "distill", "ppo")  # grows with the pipeline: bon, eval
 
 
 def load_module(path: str):
@@ -101,10 +101,11 @@ def fill_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
 
 def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
     """Runs every stage in `config.stages` under `workdir/<stage>`, skipping complete ones."""
-    from hh_jax import checkpoint, lm, metrics, pm
+    from hh_jax import checkpoint, distill, lm, metrics, pm, ppo_stage
 
     runners = {"lm": lm.train_and_evaluate, "pmp": pm.train_and_evaluate,
-               "pm": pm.train_and_evaluate}
+               "pm": pm.train_and_evaluate, "ppo": ppo_stage.train_and_evaluate,
+               "distill": distill.train_and_evaluate}
     workdir = os.path.abspath(workdir)
     config = fill_workdir(config, workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -112,14 +113,18 @@ def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
         f.write(config.to_json_best_effort(indent=1, sort_keys=True))
     summaries = {}
     for name in config.stages:
-        if name not in runners:
-            raise ValueError(f"unknown stage {name!r}; known: {sorted(runners)}")
+        if name not in config:
+            raise ValueError(f"stage {name!r} is listed in config.stages but has no config")
+        kind = config[name].get("stage", name)  # e.g. stage "pm_no_pmp" of kind "pm"
+        if kind not in runners:
+            raise ValueError(f"unknown stage kind {kind!r} for {name!r}; "
+                             f"known: {sorted(runners)}")
         stage_dir = os.path.join(workdir, name)
         if checkpoint.is_complete(stage_dir):
             print(f"[{name}] complete, skipped ({stage_dir}/summary.json)", flush=True)
             summaries[name] = metrics.read_summary(stage_dir)
             continue
         t0 = time.time()
-        summaries[name] = runners[name](config[name], stage_dir)
+        summaries[name] = runners[kind](config[name], stage_dir)
         print(f"[{name}] done in {time.time() - t0:.0f}s", flush=True)
     return summaries

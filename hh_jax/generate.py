@@ -1,4 +1,4 @@
-"""Sampling from a params export: load meta + tokenizer + params, render, decode."""
+"""Sampling from a params export or a pretrained model: load, render, sample, decode."""
 
 from __future__ import annotations
 
@@ -7,39 +7,56 @@ import os
 
 import jax
 
-from hh_jax import checkpoint, sampling
+from hh_jax import chat, checkpoint, sampling
+from hh_jax.chat import HUMAN  # noqa: F401  (kept for callers of the old names)
 from hh_jax.model import ModelConfig, Transformer
 from hh_jax.tokenizer import load_tokenizer
-
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
 def load_export(path: str):
     """(model, params, tokenizer) from a stage's `params/` export."""
+    model, params, tok, _ = load_export_with_format(path)
+    return model, params, tok
+
+
+def load_export_with_format(path: str):
+    """(model, params, tokenizer, ChatFormat); the format is meta["chat_format"], else the
+    tokenizer's own (ChatML for a ChatML checkpoint), else "hh"."""
     meta = checkpoint.read_meta(path)
     cfg = ModelConfig(**meta["model"])
     tok_spec = meta["tokenizer"]
-    if tok_spec.endswith(".model") and not os.path.isabs(tok_spec):
-        tok_spec = os.path.join(os.path.abspath(path), tok_spec)
+    local = os.path.join(os.path.abspath(path), tok_spec)
+    if tok_spec.endswith((".model", ".json", ".gguf")) and not os.path.isabs(tok_spec) \
+            and os.path.exists(local):
+        tok_spec = local
+    tok = load_tokenizer(tok_spec)
+    fmt = (chat.ChatFormat.from_meta(meta["chat_format"]) if "chat_format" in meta
+           else chat.format_for(tok))
     params = checkpoint.import_params(path)
-    return Transformer(cfg), params, load_tokenizer(tok_spec)
+    return Transformer(cfg), params, tok, fmt
 
 
-def render_prompt(prompt: str) -> str:
-    """One Human turn in the HH format, ending where the Assistant speaks."""
-    if prompt.lstrip().startswith("Human:") or prompt.startswith(HUMAN):
-        text = prompt if prompt.startswith("\n\n") else "\n\n" + prompt.lstrip()
-    else:
-        text = f"{HUMAN} {prompt.strip()}"
-    return text if text.rstrip().endswith("Assistant:") else text + ASSISTANT
+def load_pretrained_model(name_or_path: str):
+    """(model, params, tokenizer, ChatFormat) of a pretrained checkpoint (convert.py)."""
+    from hh_jax import convert
+
+    cfg, params, tok = convert.load_pretrained(name_or_path)
+    return Transformer(cfg), params, tok, chat.format_for(tok)
 
 
-def sample_from_export(path: str, prompts: list[str], *, max_new_tokens: int = 64,
-                       temperature: float = 0.7, top_k: int = 0, top_p: float = 0.95,
-                       seed: int = 0, raw: bool = False) -> list[str]:
-    model, params, tok = load_export(path)
-    texts = prompts if raw else [render_prompt(p) for p in prompts]
-    ids = [tok.encode(t) for t in texts]  # the LM stage trains without BOS
+def render_prompt(prompt: str, fmt: chat.ChatFormat = chat.HH) -> str:
+    """One user prompt (or an HH transcript) rendered to where the Assistant speaks."""
+    return chat.render(chat.prompt_turns(prompt), fmt, add_generation_prompt=True)
+
+
+def sample_texts(model: Transformer, params, tok, fmt: chat.ChatFormat, prompts: list[str], *,
+                 max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
+                 top_p: float = 0.95, seed: int = 0, raw: bool = False) -> list[str]:
+    """Continues each prompt. Not raw: the prompt is a dialogue turn in `fmt` and the
+    result reads as an HH transcript ending in the Assistant's reply."""
+    turns = [chat.prompt_turns(p) for p in prompts]
+    ids = ([tok.encode(p) for p in prompts] if raw
+           else [chat.prompt_ids(tok, t, fmt) for t in turns])
     room = model.cfg.max_len - max_new_tokens
     tokens, mask = sampling.pad_prompts([i[-room:] for i in ids], tok.pad_id)
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -48,9 +65,24 @@ def sample_from_export(path: str, prompts: list[str], *, max_new_tokens: int = 6
                                    pad_id=tok.pad_id))
     out = jax.device_get(fn(params, tokens, mask, jax.random.key(seed)))
     results = []
-    for text, row, n in zip(texts, out["tokens_BxR"], out["lengths_B"], strict=True):
+    for prompt, t, row, n in zip(prompts, turns, out["tokens_BxR"], out["lengths_B"],
+                                 strict=True):
         reply = tok.decode(row[:n])
-        if not raw:  # the model may go on to write the next Human turn itself: cut there
-            reply = reply.split(HUMAN)[0].split("Human:")[0].rstrip()
-        results.append(text + reply)
+        if raw:
+            results.append(prompt + reply)
+        else:  # the model may go on to write the next Human turn itself: cut there
+            reply = chat.cut_reply(reply, fmt)
+            results.append(chat.render(t + [("Assistant", reply)], chat.HH))
     return results
+
+
+def sample_from_export(path: str, prompts: list[str], **kw) -> list[str]:
+    """`sample_texts` with a stage's params export (keywords as `sample_texts`)."""
+    model, params, tok, fmt = load_export_with_format(path)
+    return sample_texts(model, params, tok, fmt, prompts, **kw)
+
+
+def sample_from_pretrained(name_or_path: str, prompts: list[str], **kw) -> list[str]:
+    """`sample_texts` with a pretrained model: "smollm2-135m", a .gguf, an HF dir."""
+    model, params, tok, fmt = load_pretrained_model(name_or_path)
+    return sample_texts(model, params, tok, fmt, prompts, **kw)

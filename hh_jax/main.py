@@ -32,6 +32,30 @@ def _sample(args, _) -> int:
     return 0
 
 
+def _eval(args, _) -> int:
+    from hh_jax import pm
+
+    if args.what != "pm":
+        raise SystemExit(f"hh-jax eval: unknown target {args.what!r} (expected: pm)")
+    pm.eval_export(args.params, args.data, args.out, skip_invalid=args.skip_invalid,
+                   batch_size=args.batch_size)
+    return 0
+
+
+def _report(args, _) -> int:
+    from hh_jax import report
+
+    print(report.write_report(args.workdir, args.out))
+    return 0
+
+
+def _sweep(args, overrides) -> int:
+    from hh_jax import sweep
+
+    sweep.run(args.experiment, args.workdir, overrides, dry_run=args.dry_run)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["data", "check"]:
@@ -57,13 +81,36 @@ def main(argv: list[str] | None = None) -> int:
     smp.add_argument("--raw", action="store_true",
                      help="feed the prompt as is (default: as one Human turn of a dialogue)")
     smp.set_defaults(fn=_sample)
+    ev = sub.add_parser("eval", help="eval pm --params DIR --data FILE...: PM accuracy")
+    ev.add_argument("what", choices=["pm"])
+    ev.add_argument("--params", required=True, help="a pm/pmp stage's params export")
+    ev.add_argument("--data", required=True, nargs="+", help="HH-format jsonl(.gz) files")
+    ev.add_argument("--out", default="pm_eval", help="where summary.json and the plot go")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--skip-invalid", action="store_true", help="count bad rows, go on")
+    ev.set_defaults(fn=_eval)
+    rep = sub.add_parser("report", help="report WORKDIR: report.html + report.md of a run/sweep")
+    rep.add_argument("workdir")
+    rep.add_argument("--out", help="where to write (default: WORKDIR)")
+    rep.set_defaults(fn=_report)
+    swp = sub.add_parser("sweep", help="sweep experiments/x.py[:arg]: run its sweep() members")
+    swp.add_argument("experiment")
+    swp.add_argument("--workdir", help="sweep root (default: runs/<experiment>[-<arg>])")
+    swp.add_argument("--dry-run", action="store_true", help="print one command per member")
+    swp.set_defaults(fn=_sweep)
     sub.add_parser("data", help="data check PATH...: validate HH jsonl(.gz) / Posts.xml")
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
-    return args.fn(args, overrides)
+    try:
+        return args.fn(args, overrides)
+    except (FileNotFoundError, KeyError, ValueError, FloatingPointError) as e:
+        # bad input (DataError is a ValueError naming file:line), a missing file, a wrong
+        # config key, or a NaN: one clear line, no traceback, non-zero exit
+        print(f"hh-jax {args.verb}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

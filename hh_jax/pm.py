@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 
 import flax.linen as nn
@@ -99,7 +100,10 @@ def load_comparisons(dcfg: ConfigDict) -> tuple[list, dict]:
     if dcfg.kind == "hh":
         comps, report = data.load_hh_comparisons(dcfg.hh_dir, subsets=list(dcfg.subsets) or None,
                                                  skip_invalid=dcfg.skip_invalid)
-        comps = data.data_fraction(data.select_split(comps, "train"), dcfg.fraction)
+        comps = data.select_split(comps, "train")
+        if dcfg.get("half"):  # robustness protocol (PAPER.md §4.2): train PM vs test PM
+            comps = [c for c in comps if half_of(c.first_human) == dcfg.half]
+        comps = data.data_fraction(comps, dcfg.fraction)
     elif dcfg.kind == "stackexchange":
         comps, report = stackexchange.load_stackexchange(
             dcfg.se_dir, binarize=dcfg.binarize, skip_invalid=dcfg.skip_invalid)
@@ -109,6 +113,13 @@ def load_comparisons(dcfg: ConfigDict) -> tuple[list, dict]:
     total = report.total.to_json()
     return comps, {"rows": total["rows"], "comparisons": total["comparisons"],
                    "skipped": total["skipped"], "used": len(comps)}
+
+
+def half_of(first_human: str) -> str:
+    """Splits the train conversations 50/50 ("a"/"b") by a hash independent of the held-out
+    split: a train PM on one half and a test PM on the other see disjoint conversations."""
+    digest = hashlib.sha256(("half\0" + first_human).encode("utf-8", "surrogatepass"))
+    return "a" if digest.digest()[0] < 128 else "b"
 
 
 def length_grouped(comps: list, lengths: np.ndarray, batch: int, seed: int, window: int = 32
@@ -187,7 +198,7 @@ def heldout_pairs(ecfg: ConfigDict) -> list:
 
 def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     """Runs a `pmp` or `pm` stage into `stage_dir`; returns its summary."""
-    name = cfg.stage
+    name = os.path.basename(os.path.normpath(stage_dir))
     os.makedirs(stage_dir, exist_ok=True)
     mcfg, tok, init_stage = _model_and_tokenizer(cfg)
     comps, data_report = load_comparisons(cfg.data)
@@ -262,12 +273,12 @@ def _eval_metrics(report: dict) -> dict:
 
 
 def _finish(cfg, stage_dir, st, mcfg, report, data_report, n_held) -> dict:
-    name = cfg.stage
+    name = os.path.basename(os.path.normpath(stage_dir))
     export_dir = os.path.join(stage_dir, "params")
     tok_name = (checkpoint.copy_tokenizer(cfg.init_from, export_dir) if cfg.get("init_from")
                 else cfg.tokenizer)
     checkpoint.export_params(export_dir, st.params, {
-        "stage": name, "step": int(st.step), "model": dataclasses.asdict(mcfg),
+        "stage": cfg.stage, "step": int(st.step), "model": dataclasses.asdict(mcfg),
         "tokenizer": tok_name, "scores": report["scores"], "max_len": cfg.max_len})
     table = evaluate.format_table(report, f"[{name}] held-out HH accuracy ({n_held} pairs)")
     print(table, flush=True)
@@ -276,4 +287,34 @@ def _finish(cfg, stage_dir, st, mcfg, report, data_report, n_held) -> dict:
     summary = {**_eval_metrics(report), "report": report, "steps": int(st.step),
                "data": data_report, "heldout_pairs": n_held}
     metrics.write_summary(stage_dir, summary)
+    return summary
+
+
+def eval_export(params_dir: str, files: list[str], out_dir: str, *, skip_invalid: bool = False,
+                batch_size: int = 32, max_len: int | None = None, mesh_shape=(-1, 1, 1)) -> dict:
+    """`hh-jax eval pm`: scores any HH-format jsonl(.gz) files with a PM export."""
+    meta = checkpoint.read_meta(params_dir)
+    if meta.get("stage") not in ("pm", "pmp"):
+        raise ValueError(f"{params_dir}: a {meta.get('stage')!r} export, not a PM")
+    mcfg = ModelConfig(**meta["model"])
+    tok = load_tokenizer(checkpoint.tokenizer_spec(params_dir))
+    comps, report = data.load_hh_comparisons(files, skip_invalid=skip_invalid)
+    mesh = sharding.make_mesh(mesh_shape)
+    model, head = Transformer(mcfg), ScalarHead(mcfg.d_model, use_bias=False)
+    boxed = lambda: {"backbone": model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)),  # noqa
+                     "head": head.init(jax.random.key(0), jnp.zeros((2, mcfg.d_model)))}
+    abstract, p_sh = state.param_shardings(boxed, mesh)
+    params = checkpoint.import_params(params_dir,
+                                      checkpoint.abstract_with_shardings(abstract, p_sh))
+    cfg = ConfigDict({"max_len": max_len or meta.get("max_len", 512),
+                      "eval_batch_size": batch_size})
+    with sharding.activate(mesh):
+        rep = score_pairs(jax.jit(functools.partial(score_step, model=model)), params, comps,
+                          tok, cfg, mesh)
+    print(evaluate.format_table(rep, f"PM {params_dir} on {len(comps)} pairs"), flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    evaluate.reliability_plot(rep, os.path.join(out_dir, "calibration.png"), params_dir)
+    summary = {**_eval_metrics(rep), "report": rep, "files": [str(f) for f in files],
+               "data": report.total.to_json()}
+    metrics.write_summary(out_dir, summary)
     return summary

@@ -1,0 +1,311 @@
+"""Stage `ppo`: the RLHF loop around hh_jax.ppo's pure functions, and its evaluation.
+
+Policy and π0 start from `policy_from` (the distilled model); the value model from the
+train PM (`pm_from`); a held-out *test PM* (`test_pm_from`, trained on the other half of
+the comparisons, PAPER.md §4.2) scores evaluation samples beside the train PM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from hh_jax import checkpoint, data, metrics, ppo, sampling, sharding, state
+from hh_jax.model import ModelConfig, ScalarHead, Transformer
+from hh_jax.optim import make_optimizer
+from hh_jax.tokenizer import load_tokenizer
+
+
+def load_prompts(dcfg: ConfigDict, split: str) -> list[str]:
+    """Dialogue contexts (ending in "Assistant:") of one side of the split, deduplicated."""
+    comps, _ = data.load_hh_comparisons(dcfg.hh_dir, subsets=list(dcfg.subsets) or None,
+                                        skip_invalid=True)
+    seen, out = set(), []
+    for c in data.select_split(comps, split):
+        if c.context not in seen:
+            seen.add(c.context)
+            out.append(c.context)
+    return out
+
+
+def encode_prompts(tok, prompts: list[str], q: int):
+    """Left-truncated (keep the end: the last turn and "Assistant:"), left-padded to q."""
+    return sampling.pad_prompts([tok.encode(p)[-q:] for p in prompts], tok.pad_id, length=q)
+
+
+class Frozen:
+    """A params export loaded once, sharded, for use as a frozen jit argument."""
+
+    def __init__(self, path: str, mesh, head: str | None):
+        self.meta = checkpoint.read_meta(path)
+        self.cfg = ModelConfig(**self.meta["model"])
+        self.model = Transformer(self.cfg)
+        dummy = jnp.zeros((2, 8), jnp.int32)
+        if head is None:
+            boxed = lambda: self.model.init(jax.random.key(0), dummy)  # noqa: E731
+        else:
+            h = ScalarHead(self.cfg.d_model, use_bias=False)
+            boxed = lambda: {"backbone": self.model.init(jax.random.key(0), dummy),  # noqa
+                             "head": h.init(jax.random.key(0), jnp.zeros((2, self.cfg.d_model)))}
+        abstract, self.shardings = state.param_shardings(boxed, mesh)
+        self.params = checkpoint.import_params(
+            path, checkpoint.abstract_with_shardings(abstract, self.shardings))
+
+
+def value_params_from_pm(pm: Frozen, mode: str):
+    """Value model = PM backbone + a head with a bias: the PM's head ("pm") or zeros."""
+    kernel = pm.params["head"]["params"]["kernel"]
+    if mode == "zero":
+        kernel = jnp.zeros_like(kernel)
+    elif mode != "pm":
+        raise ValueError(f"value_head_init must be 'pm' or 'zero', got {mode!r}")
+    head = {"params": {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}}
+    return {"backbone": pm.params["backbone"], "head": head}
+
+
+def _train_state(params, optimizer, mesh):
+    abstract = jax.eval_shape(lambda: params)
+    p_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    st_sh = state.state_shardings(p_sh, optimizer, abstract, mesh)
+    return state.init_state(params, optimizer, st_sh), st_sh
+
+
+def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, prompts, masks, rng,
+                     *, policy_model, pm_model, test_pm_model, sample_cfg, tok, temperature):
+    """Evaluation: responses to held-out prompts, their KL to π0 and both PMs' scores."""
+    s = sampling.sample(policy_params, prompts, masks, rng, model=policy_model, cfg=sample_cfg,
+                        eos_id=tok.eos_id, pad_id=tok.pad_id)
+    q = prompts.shape[1]
+    mask_BxR = jnp.arange(sample_cfg.max_new_tokens)[None] < s["lengths_B"][:, None]
+    tokens = jnp.concatenate([s["prompt_BxQ"], s["tokens_BxR"]], 1)
+    mask = jnp.concatenate([s["prompt_mask_BxQ"], mask_BxR], 1)
+    logp, _ = ppo.response_logprobs(policy_params, tokens, mask, q, model=policy_model,
+                                    temperature=temperature)
+    ref, _ = ppo.response_logprobs(ref_params, tokens, mask, q, model=policy_model,
+                                   temperature=temperature)
+    pm_tokens, _, pm_len = ppo.with_eoc(s["prompt_BxQ"], s["prompt_mask_BxQ"], s["tokens_BxR"],
+                                        s["lengths_B"], s["ended_B"], tok.eoc_id)
+    out = {"kl_B": ((logp - ref) * mask_BxR).sum(1), "tokens_BxR": s["tokens_BxR"],
+           "lengths_B": s["lengths_B"],
+           "score_B": ppo.pm_score(pm_params, pm_tokens, pm_len, model=pm_model)}
+    if test_pm_params is not None:
+        out["test_score_B"] = ppo.pm_score(test_pm_params, pm_tokens, pm_len, model=test_pm_model)
+    return out
+
+
+def sqrt_kl_fit(points: list[dict], key: str = "eval/test_score") -> dict:
+    """Least-squares score ≈ a + b·√KL over the early phase (first ⅔ of the eval points)."""
+    pts = [p for p in points if key in p]
+    early = pts[: max(3, -(-2 * len(pts) // 3))]
+    if len(early) < 3:
+        return {"n": len(early)}
+    x = np.sqrt(np.maximum([p["eval/kl"] for p in early], 0.0))
+    y = np.asarray([p[key] for p in early])
+    if np.ptp(x) < 1e-6:  # the policy has not moved: nothing to fit
+        return {"n": len(early), "degenerate": True}
+    b, a = np.polyfit(x, y, 1)
+    resid = y - (a + b * x)
+    r2 = 1.0 - resid.var() / max(y.var(), 1e-12)
+    return {"intercept": float(a), "slope": float(b), "r2": float(r2), "n": len(early),
+            "score_key": key}
+
+
+def write_samples(path: str, tok, prompts: list[str], out: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(path, "w") as f:
+        for i, p in enumerate(prompts):
+            n = int(out["lengths_B"][i])
+            row = {"prompt": p, "response": tok.decode(out["tokens_BxR"][i][:n]),
+                   "score": float(out["score_B"][i]), "kl": float(out["kl_B"][i])}
+            if "test_score_B" in out:
+                row["test_score"] = float(out["test_score_B"][i])
+            f.write(json.dumps(row) + "\n")
+
+
+def make_fns(cfg: ConfigDict, pcfg: ppo.PPOConfig, policy: Frozen, pm: Frozen,
+             test_pm: Frozen | None, tok, policy_opt, value_opt, q: int) -> dict:
+    """The jitted functions of an iteration (rollout, score, advantages, update) and eval."""
+    sample_cfg = sampling.SamplingConfig(max_new_tokens=cfg.response_len,
+                                         temperature=pcfg.temperature)
+    return {
+        "rollout": jax.jit(functools.partial(
+            ppo.rollout, policy_model=policy.model, value_model=pm.model, sample_cfg=sample_cfg,
+            eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=pcfg.temperature)),
+        "score": jax.jit(functools.partial(ppo.score_rollout, q=q, pm_model=pm.model,
+                                           eoc_id=tok.eoc_id)),
+        "advantages": jax.jit(functools.partial(ppo.advantages, cfg=pcfg)),
+        "update": lambda st_sh: jax.jit(functools.partial(
+            ppo.ppo_update, policy_model=policy.model, value_model=pm.model,
+            policy_opt=policy_opt, value_opt=value_opt, cfg=pcfg, q=q), donate_argnums=0,
+            out_shardings=(st_sh, None)),  # same layout in and out: no second compile
+        "evaluate": jax.jit(functools.partial(
+            sample_and_score, policy_model=policy.model, pm_model=pm.model,
+            test_pm_model=None if test_pm is None else test_pm.model, sample_cfg=sample_cfg,
+            tok=tok, temperature=pcfg.temperature)),
+    }
+
+
+def ppo_config(cfg: ConfigDict, pm: Frozen) -> ppo.PPOConfig:
+    fields = {f.name for f in dataclasses.fields(ppo.PPOConfig)}
+    kw = {k: v for k, v in cfg.ppo.to_dict().items() if k in fields}
+    if cfg.normalize_scores:  # r ← (r − mean) / std over the PM's held-out scores
+        kw["score_shift"] = pm.meta["scores"]["mean"]
+        kw["score_scale"] = pm.meta["scores"]["std"]
+    return ppo.PPOConfig(**kw)
+
+
+def optimizers(cfg: ConfigDict):
+    opt = lambda lr: make_optimizer(ConfigDict({**cfg.optim.to_dict(), "lr": lr}),  # noqa
+                                    cfg.iterations * cfg.ppo.epochs * cfg.ppo.minibatches)
+    return opt(cfg.base_lr * cfg.lr_ratio), opt(cfg.base_lr * cfg.value_lr_ratio)
+
+
+def _prompt_batch(n: int, batch: int, seed: int, it: int) -> np.ndarray:
+    per_epoch = n // batch
+    epoch, i = divmod(it, per_epoch)
+    return np.random.default_rng([seed, epoch]).permutation(n)[i * batch:(i + 1) * batch]
+
+
+def _evaluate(fns, st, ref_params, pm, test_pm, ev_tokens, ev_masks, cfg, it) -> tuple[dict, dict]:
+    out = jax.device_get(fns["evaluate"](
+        st.policy.params, ref_params, pm.params, None if test_pm is None else test_pm.params,
+        ev_tokens, ev_masks, jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), 0)))
+    m = {"iteration": it, "eval/score": float(out["score_B"].mean()),
+         "eval/kl": float(out["kl_B"].mean()), "eval/length": float(out["lengths_B"].mean())}
+    if "test_score_B" in out:
+        m["eval/test_score"] = float(out["test_score_B"].mean())
+    return m, out
+
+
+def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
+    """Runs PPO into `stage_dir`; resumes bitwise (state, KL controller, data position)."""
+    import time
+
+    os.makedirs(stage_dir, exist_ok=True)
+    mesh = sharding.make_mesh(cfg.mesh)
+    policy, pm = Frozen(cfg.policy_from, mesh, None), Frozen(cfg.pm_from, mesh, "pm")
+    test_pm = Frozen(cfg.test_pm_from, mesh, "pm") if cfg.test_pm_from else None
+    tok = load_tokenizer(checkpoint.tokenizer_spec(cfg.policy_from))
+    if pm.cfg.vocab_size != policy.cfg.vocab_size:
+        raise ValueError(f"{cfg.pm_from}: PM vocab {pm.cfg.vocab_size} != policy vocab "
+                         f"{policy.cfg.vocab_size}; policy and PM must share a tokenizer")
+    prompts = load_prompts(cfg.data, "train")
+    ev_prompts = load_prompts(cfg.data, "heldout")[:cfg.eval_prompts]
+    q = cfg.prompt_len
+    ev_tokens, ev_masks = encode_prompts(tok, ev_prompts, q)
+    pcfg = ppo_config(cfg, pm)
+    policy_opt, value_opt = optimizers(cfg)
+    pol, _ = _train_state(jax.tree_util.tree_map(jnp.copy, policy.params), policy_opt, mesh)
+    val, _ = _train_state(value_params_from_pm(pm, cfg.value_head_init), value_opt, mesh)
+    # the key placed like the update's output, so its jit sees one layout and compiles once
+    st = ppo.PPOState(policy=pol, value=val, rng=jax.device_put(jax.random.PRNGKey(cfg.seed),
+                                                                sharding.replicated(mesh)))
+    kl = ppo.KLController(pcfg.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+    ckpts = checkpoint.StageCheckpoints(os.path.join(stage_dir, "checkpoints"))
+    start, evals = 0, []
+    if ckpts.latest_step() is not None:
+        target = checkpoint.abstract_with_shardings(
+            jax.eval_shape(lambda: st), jax.tree_util.tree_map(lambda x: x.sharding, st))
+        st, ds = ckpts.restore(target)
+        start, evals = ds["iteration"], ds["evals"]
+        kl.load(ds["kl"])
+    fns = make_fns(cfg, pcfg, policy, pm, test_pm, tok, policy_opt, value_opt, q)
+    fns["update"] = fns["update"](jax.tree_util.tree_map(lambda x: x.sharding, st))
+    writer = metrics.MetricsWriter(stage_dir)
+    print(f"[ppo] {len(prompts)} train prompts, {len(ev_prompts)} held-out, {cfg.iterations} "
+          f"iterations of {cfg.batch_size}; from iteration {start}", flush=True)
+    timing = {"rollout": 0.0, "score": 0.0, "update": 0.0}
+    try:
+        with sharding.activate(mesh):
+            if start == 0:
+                m, out = _evaluate(fns, st, policy.params, pm, test_pm, ev_tokens, ev_masks, cfg, 0)
+                evals.append(m)
+                write_samples(os.path.join(stage_dir, "samples_0.jsonl"), tok, ev_prompts, out)
+            for it in range(start, cfg.iterations):
+                idx = _prompt_batch(len(prompts), cfg.batch_size, cfg.seed, it)
+                tokens, masks = encode_prompts(tok, [prompts[i] for i in idx], q)
+                t0 = time.time()
+                roll = jax.block_until_ready(fns["rollout"](
+                    st.policy.params, policy.params, st.value.params, tokens, masks,
+                    jax.random.fold_in(jax.random.PRNGKey(cfg.seed), it)))
+                t1 = time.time()
+                score = jax.block_until_ready(fns["score"](pm.params, roll))
+                t2 = time.time()
+                batch, m = fns["advantages"](roll, score, kl.value)
+                st, stats = fns["update"](st, batch)
+                m = metrics.to_python({**m, **stats})
+                t3 = time.time()
+                for k, dt in zip(timing, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                    timing[k] += dt
+                    m[f"time/{k}"] = dt
+                metrics.check_finite(m, it + 1, "ppo")
+                kl.update(m["objective/kl"], cfg.batch_size)
+                writer.write(it + 1, m)
+                if (it + 1) % cfg.log_every == 0:
+                    print(f"[ppo] iteration {it + 1}/{cfg.iterations} score "
+                          f"{m['objective/score']:.3f} kl {m['objective/kl']:.3f} "
+                          f"({t3 - t0:.2f}s)", flush=True)
+                if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
+                    em, out = _evaluate(fns, st, policy.params, pm, test_pm, ev_tokens, ev_masks,
+                                        cfg, it + 1)
+                    evals.append(em)
+                    writer.write(it + 1, em)
+                    write_samples(os.path.join(stage_dir, f"samples_{it + 1}.jsonl"), tok,
+                                  ev_prompts, out)
+                if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iterations:
+                    ckpts.save(it + 1, st, {"iteration": it + 1, "kl": kl.state(),
+                                            "evals": evals})
+    finally:
+        ckpts.close()
+    writer.close()
+    return _finish(cfg, stage_dir, st, policy, evals, timing)
+
+
+def _finish(cfg, stage_dir, st, policy, evals, timing) -> dict:
+    export_dir = os.path.join(stage_dir, "params")
+    checkpoint.export_params(export_dir, st.policy.params, {
+        "stage": "ppo", "model": dataclasses.asdict(policy.cfg),
+        "tokenizer": checkpoint.copy_tokenizer(cfg.policy_from, export_dir)})
+    key = "eval/test_score" if "eval/test_score" in evals[0] else "eval/score"
+    fit = sqrt_kl_fit(evals, key)
+    total = sum(timing.values()) or 1.0
+    summary = {"initial": evals[0], "final": evals[-1], "evals": evals, "sqrt_kl_fit": fit,
+               "time_share": {k: v / total for k, v in timing.items()},
+               "seconds_per_iteration": total / max(cfg.iterations, 1)}
+    plot_sqrt_kl(evals, fit, key, os.path.join(stage_dir, "sqrt_kl.png"))
+    metrics.write_summary(stage_dir, summary)
+    f, i = evals[-1], evals[0]
+    print(f"[ppo] held-out {key}: {i[key]:.3f} (π0) → {f[key]:.3f} at KL {f['eval/kl']:.2f}; "
+          f"√KL fit R² {fit.get('r2', float('nan')):.3f}", flush=True)
+    return summary
+
+
+def plot_sqrt_kl(evals: list[dict], fit: dict, key: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.sqrt(np.maximum([e["eval/kl"] for e in evals], 0.0))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(x, [e[key] for e in evals], "o-", label=f"PPO, {key.split('/')[-1]}")
+    if "eval/test_score" in evals[0]:
+        ax.plot(x, [e["eval/score"] for e in evals], "s--", alpha=0.6, label="PPO, train PM")
+    if "slope" in fit:
+        xs = np.linspace(0, x.max() if len(x) else 1, 20)
+        ax.plot(xs, fit["intercept"] + fit["slope"] * xs, "k:",
+                label=f"fit a + b√KL (R² {fit['r2']:.2f}, early {fit['n']} pts)")
+    ax.set_xlabel("√KL(π ‖ π0)  (nats, per response)")
+    ax.set_ylabel("PM score (held-out prompts)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,462 @@
+"""`hh-jax report WORKDIR`: report.html (self-contained, PNGs embedded) + report.md.
+
+Reads only what the stages leave on disk: `config.json`, `<stage>/metrics.jsonl` (rows
+with "step"), `<stage>/summary.json`, `<stage>/params/meta.json`. A stage's section
+follows its kind (`config.<stage>.stage`, else its name):
+  lm / distill   train/eval loss curves, held-out vs unigram perplexity
+  pm / pmp       loss curves, held-out accuracy per subset with 95% intervals next to the
+                 "longer response wins" baseline, accuracy by turn, calibration
+  ppo            objective/score, objective/kl (training) and eval/score, eval/kl (held-out)
+                 against iteration; held-out score against √KL with the linear fit of
+                 PAPER.md §4.3 (summary["sqrt_kl_fit"], else fitted here); responses before
+                 and after RLHF from the first and last `samples_<iteration>.jsonl`
+  bon            summary["curve"] = [{"n", "score"[, "kl"]}]: PM score against N and
+                 against √KL, KL = log N − (N−1)/N unless given (PAPER.md §4.3, B.6)
+A sweep root (`sweep.json`, or member dirs without a config.json of its own) gets the
+sweep report of hh_jax.sweep instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+CSS = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;color:#222}"
+       "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
+       "padding:3px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}"
+       "img{max-width:100%;border:1px solid #ddd;margin:.3em 0}figure{margin:.5em 0}"
+       "pre{background:#f6f6f6;padding:.5em;overflow-x:auto;white-space:pre-wrap}"
+       ".sample{border-left:3px solid #999;padding-left:.6em;margin:.8em 0}")
+
+
+class Page:
+    """Builds the HTML and the Markdown side by side, so both carry the same numbers."""
+
+    def __init__(self, out_dir: str, title: str):
+        self.out_dir, self.title = out_dir, title
+        self.html: list[str] = []
+        self.md: list[str] = [f"# {title}", ""]
+        self.n_figures = 0
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.md += ["#" * level + " " + text, ""]
+
+    def para(self, text: str) -> None:
+        self.html.append(f"<p>{html.escape(text)}</p>")
+        self.md += [text, ""]
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        cells = [[_fmt(c) for c in r] for r in rows]
+        self.html.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                         + "</tr>" + "".join("<tr>" + "".join(
+                             f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
+                         + "</table>")
+        self.md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        self.md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in cells]
+        self.md.append("")
+
+    def pre(self, summary: str, text: str) -> None:
+        self.html.append(f"<details><summary>{html.escape(summary)}</summary>"
+                         f"<pre>{html.escape(text)}</pre></details>")
+        self.md += [f"<details><summary>{summary}</summary>", "", "```", text, "```", "",
+                    "</details>", ""]
+
+    def links(self, items: list[tuple[str, str]]) -> None:
+        """Relative links (e.g. to each sweep member's own report)."""
+        self.html.append("<ul>" + "".join(f'<li><a href="{html.escape(href)}">'
+                                          f"{html.escape(text)}</a></li>" for text, href in items)
+                         + "</ul>")
+        self.md += [f"- [{text}]({href})" for text, href in items] + [""]
+
+    def sample(self, parts: list[tuple[str, str]]) -> None:
+        self.html.append('<div class="sample">' + "".join(
+            f"<b>{html.escape(k)}</b><pre>{html.escape(v)}</pre>" for k, v in parts) + "</div>")
+        for k, v in parts:
+            self.md += [f"**{k}**", "", "```", v, "```", ""]
+
+    def figure(self, fig, name: str, caption: str) -> None:
+        """Saves the PNG beside the report and embeds the same bytes in the HTML."""
+        import matplotlib.pyplot as plt
+
+        self.n_figures += 1
+        fname = f"{self.n_figures:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        files = os.path.join(self.out_dir, "report_files")
+        os.makedirs(files, exist_ok=True)
+        with open(os.path.join(files, fname), "wb") as f:
+            f.write(buf.getvalue())
+        data = base64.b64encode(buf.getvalue()).decode("ascii")
+        self.html.append(f'<figure><img alt="{html.escape(caption)}" '
+                         f'src="data:image/png;base64,{data}"><figcaption>'
+                         f"{html.escape(caption)}</figcaption></figure>")
+        self.md += [f"![{caption}](report_files/{fname})", "", f"*{caption}*", ""]
+
+    def write(self) -> tuple[str, str]:
+        os.makedirs(self.out_dir, exist_ok=True)
+        html_path = os.path.join(self.out_dir, "report.html")
+        md_path = os.path.join(self.out_dir, "report.md")
+        with open(html_path, "w") as f:
+            f.write(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+                    f"{html.escape(self.title)}</title><style>{CSS}</style></head><body>"
+                    f"<h1>{html.escape(self.title)}</h1>\n" + "\n".join(self.html)
+                    + "</body></html>\n")
+        with open(md_path, "w") as f:
+            f.write("\n".join(self.md) + "\n")
+        return html_path, md_path
+
+
+def _fmt(x) -> str:
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.4g}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ------------------------------------------------------------------------ reading a run
+def read_json(path: str, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(stage_dir: str) -> list[dict]:
+    """metrics.jsonl rows; a value logged twice for one step (a resumed run) keeps the last."""
+    path = os.path.join(stage_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    merged: dict[tuple, dict] = {}
+    for r in rows:
+        merged[(r["step"], tuple(sorted(r)))] = r
+    return sorted(merged.values(), key=lambda r: r["step"])
+
+
+def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    by_step = {r["step"]: r[key] for r in rows if isinstance(r.get(key), int | float)}
+    steps = np.asarray(sorted(by_step), np.float64)
+    return steps, np.asarray([by_step[s] for s in sorted(by_step)], np.float64)
+
+
+def stage_order(workdir: str, config: dict) -> list[str]:
+    """config.stages first, then any other stage directory (a stage added later)."""
+    names = list(config.get("stages", []))
+    for d in sorted(os.listdir(workdir)):
+        full = os.path.join(workdir, d)
+        if d not in names and os.path.isdir(full) and any(
+                os.path.exists(os.path.join(full, f)) for f in ("summary.json", "metrics.jsonl")):
+            names.append(d)
+    return names
+
+
+def stage_kind(name: str, config: dict, summary: dict) -> str:
+    kind = (config.get(name) or {}).get("stage", name)
+    if kind in ("lm", "distill", "sft", "pm", "pmp", "ppo", "bon"):
+        return {"distill": "lm", "sft": "lm", "pmp": "pm"}.get(kind, kind)
+    if "report" in summary:
+        return "pm"
+    return "lm" if "eval/perplexity" in summary else "other"
+
+
+# ----------------------------------------------------------------------------- sections
+def _curves(page: Page, rows: list[dict], panels: list[list[str]], name: str, title: str,
+            hlines: dict[str, float] | None = None) -> None:
+    """One panel per key group, the group's keys overlaid; `hlines` adds reference levels
+    to the panel holding that key."""
+    panels = [[k for k in keys if len(series(rows, k)[0])] for keys in panels]
+    panels = [keys for keys in panels if keys]
+    if not panels:
+        return
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.3), squeeze=False)
+    for ax, keys in zip(axes[0], panels, strict=True):
+        for key, color in zip(keys, COLORS, strict=False):
+            s, v = series(rows, key)
+            ax.plot(s, v, "o-" if len(s) < 30 else "-", color=color, ms=3, label=key)
+        for key, level in (hlines or {}).items():
+            if key in keys and level is not None:
+                ax.axhline(level, color="gray", ls="--", lw=1)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    page.figure(fig, name, title)
+
+
+def _scalars(summary: dict) -> list[list]:
+    return [[k, v] for k, v in sorted(summary.items())
+            if isinstance(v, int | float | str) and not isinstance(v, bool)]
+
+
+def lm_section(page: Page, name: str, summary: dict, rows: list[dict]) -> None:
+    if "eval/perplexity" in summary:
+        page.table(["held-out perplexity", "unigram perplexity", "eval loss", "steps", "params"],
+                   [[summary["eval/perplexity"], summary.get("eval/unigram_perplexity"),
+                     summary.get("eval/loss"), summary.get("steps"), summary.get("params")]])
+    _curves(page, rows, [["train/loss", "eval/loss"], ["eval/perplexity"]], f"{name}_loss",
+            f"{name}: training and held-out loss; held-out perplexity (dashed: the unigram "
+            "perplexity of the same tokenizer)",
+            {"eval/perplexity": summary.get("eval/unigram_perplexity")})
+
+
+def pm_section(page: Page, name: str, summary: dict, rows: list[dict]) -> None:
+    rep = summary.get("report")
+    if rep:
+        page.para(f"Held-out HH pairs: {rep['overall']['n']} (the project's deterministic "
+                  "held-out part of the official test splits); intervals are 95% Wilson.")
+        table = []
+        for sub, r in list(rep["per_subset"].items()) + [("ALL", rep["overall"])]:
+            table.append([sub, r["n"], r["accuracy"], f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]",
+                          r["longer_wins"]])
+        page.table(["subset", "pairs", "accuracy", "95% CI", "longer wins"], table)
+        page.table(["Human turns", "pairs", "accuracy"],
+                   [[t, r["n"], r["accuracy"]] for t, r in rep["per_turn"].items()])
+        page.para(f"ECE {rep['calibration']['ece']:.4f}; scores mean {rep['scores']['mean']:.3f}"
+                  f", std {rep['scores']['std']:.3f}.")
+        _accuracy_plot(page, name, rep)
+    _curves(page, rows, [["train/loss"], ["train/accuracy", "eval/accuracy"]], f"{name}_train",
+            f"{name}: training loss; training and held-out accuracy (dashed: chance)",
+            {"train/accuracy": 0.5})
+
+
+def _accuracy_plot(page: Page, name: str, rep: dict) -> None:
+    plt = _plt()
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.8),
+                                     gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    subs = list(rep["per_subset"].items()) + [("ALL", rep["overall"])]
+    y = np.arange(len(subs))
+    acc = np.asarray([r["accuracy"] for _, r in subs])
+    ci = np.asarray([r["ci95"] for _, r in subs])
+    a1.barh(y, acc, color=COLORS[0], alpha=0.8, label="PM accuracy")
+    a1.errorbar(acc, y, xerr=[acc - ci[:, 0], ci[:, 1] - acc], fmt="none", ecolor="k", capsize=3)
+    a1.plot([r["longer_wins"] for _, r in subs], y, "D", color=COLORS[1], label="longer wins")
+    a1.axvline(0.5, color="gray", ls="--", lw=1)
+    a1.set_yticks(y, [f"{s} (n={r['n']})" for s, r in subs], fontsize=8)
+    a1.set_xlim(0, 1)
+    a1.set_xlabel("held-out accuracy (95% CI)")
+    a1.legend(fontsize=7, loc="lower right")
+    turns = list(rep["per_turn"].items())
+    t_acc = np.asarray([r["accuracy"] for _, r in turns])
+    t_ci = np.asarray([r["ci95"] for _, r in turns]).reshape(-1, 2)
+    a2.errorbar([int(t) for t, _ in turns], t_acc, yerr=[t_acc - t_ci[:, 0], t_ci[:, 1] - t_acc],
+                fmt="o-", capsize=3)
+    a2.axhline(0.5, color="gray", ls="--", lw=1)
+    a2.set_xlabel("Human turns in the context")
+    a2.set_ylabel("accuracy")
+    bins = [b for b in rep["calibration"]["bins"] if b["n"] > 0]
+    a3.plot([0, 1], [0, 1], "k--", lw=1)
+    a3.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], "o-",
+            label=f"ECE {rep['calibration']['ece']:.3f}")
+    a3.set_xlabel("predicted P(A > B) = σ(Δr)")
+    a3.set_ylabel("observed frequency")
+    a3.legend(fontsize=8)
+    page.figure(fig, f"{name}_accuracy", f"{name}: accuracy per subset (bars, 95% CI) and the "
+                "longer-response baseline; accuracy by number of turns; calibration")
+
+
+def sqrt_kl_fit(kl, score) -> dict:
+    """Least-squares score ≈ a + b·√KL (PAPER.md §4.3) with its R²."""
+    x, y = np.sqrt(np.maximum(np.asarray(kl, np.float64), 0)), np.asarray(score, np.float64)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return {"a": float("nan"), "b": float("nan"), "r2": float("nan"), "n": len(x)}
+    b, a = np.polyfit(x, y, 1)
+    resid = y - (a + b * x)
+    r2 = 1 - resid.var() / y.var() if y.var() > 0 else float("nan")
+    return {"a": float(a), "b": float(b), "r2": float(r2), "n": len(x)}
+
+
+def _pairs(rows: list[dict], xkey: str, ykey: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r[xkey], r[ykey]) for r in rows if isinstance(r.get(xkey), int | float)
+           and isinstance(r.get(ykey), int | float)]
+    return tuple(np.asarray(pts, np.float64).reshape(-1, 2).T)
+
+
+def ppo_points(summary: dict, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, str]:
+    """(KL, score, score name) of the held-out evaluations (the test PM's score when there
+    is one), else of the training iterations."""
+    evals = summary.get("evals") or [r for r in rows if "eval/kl" in r]
+    key = "eval/test_score" if evals and "eval/test_score" in evals[0] else "eval/score"
+    kl, score = _pairs(evals, "eval/kl", key)
+    if len(kl):
+        return kl, score, key
+    return (*_pairs(rows, "objective/kl", "objective/score"), "objective/score")
+
+
+def ppo_section(page: Page, name: str, summary: dict, rows: list[dict], stage_dir: str) -> None:
+    _curves(page, rows, [["objective/score", "eval/score", "eval/test_score"],
+                         ["objective/kl", "eval/kl"], ["ppo/policy/clipfrac"],
+                         ["ppo/val/var_explained"]], f"{name}_curves", f"{name}: PM score, "
+            "KL(π‖π0), clip fraction and value variance explained against iteration")
+    kl, score, key = ppo_points(summary, rows)
+    if len(kl):
+        own = summary.get("sqrt_kl_fit") or {}
+        fit = ({"a": own["intercept"], "b": own["slope"], "r2": own["r2"], "n": own["n"]}
+               if "slope" in own else sqrt_kl_fit(kl, score))
+        page.table(["fit", "a", "b", "R²", "points"],
+                   [[f"{key} ≈ a + b·√KL", fit["a"], fit["b"], fit["r2"], fit["n"]]])
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        tkl, tscore = _pairs(rows, "objective/kl", "objective/score")
+        ax.plot(np.sqrt(np.maximum(tkl, 0)), tscore, ".", alpha=0.3, label="training batches")
+        ax.plot(np.sqrt(np.maximum(kl, 0)), score, "o-", ms=4, label=key)
+        if math.isfinite(fit["b"]):
+            xs = np.linspace(0, np.sqrt(max(kl.max(), 0)), 50)
+            ax.plot(xs, fit["a"] + fit["b"] * xs, "k--", lw=1,
+                    label=f"{fit['a']:.3g} + {fit['b']:.3g}·√KL (R² {fit['r2']:.2f})")
+        ax.set_xlabel("√KL(π‖π0) (nats)")
+        ax.set_ylabel("PM score")
+        ax.legend(fontsize=8)
+        page.figure(fig, f"{name}_sqrt_kl", f"{name}: PM score against √KL (PAPER.md §4.3)")
+    _samples(page, name, stage_dir)
+
+
+def _samples(page: Page, name: str, stage_dir: str, k: int = 5) -> None:
+    """samples_<iteration>.jsonl rows {prompt, response, score, kl}: the first file is π0
+    (before RLHF), the last the final policy, on the same held-out prompts."""
+    files = sorted((int(m.group(1)), f) for f in os.listdir(stage_dir)
+                   if (m := re.fullmatch(r"samples_(\d+)\.jsonl", f)))
+    if len(files) < 2:
+        return
+    (_, f0), (it, f1) = files[0], files[-1]
+    before, after = _jsonl(os.path.join(stage_dir, f0)), _jsonl(os.path.join(stage_dir, f1))
+    page.heading(f"{name}: sample responses before and after RLHF", 3)
+    for b, a in list(zip(before, after, strict=False))[:k]:
+        page.sample([("Prompt", b["prompt"]),
+                     (f"Before RLHF (π0): PM score {b['score']:.3f}", b["response"]),
+                     (f"After RLHF (iteration {it}): PM score {a['score']:.3f}, "
+                      f"KL {a.get('kl', float('nan')):.2f}", a["response"])])
+
+
+def _jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def bon_section(page: Page, name: str, summary: dict, ppo: tuple | None) -> None:
+    curve = summary.get("curve") or []
+    if not curve:
+        return
+    n = np.asarray([c["n"] for c in curve], np.float64)
+    score = np.asarray([c["score"] for c in curve], np.float64)
+    kl = np.asarray([c.get("kl", math.log(c["n"]) - (c["n"] - 1) / c["n"]) for c in curve])
+    page.table(["N", "KL = log N − (N−1)/N", "mean PM score of best of N"],
+               [[int(a), b, c] for a, b, c in zip(n, kl, score, strict=True)])
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.plot(n, score, "o-")
+    a1.set_xscale("log", base=2)
+    a1.set_xlabel("N (samples per prompt)")
+    a1.set_ylabel("PM score")
+    a2.plot(np.sqrt(kl), score, "o-", label="best of N")
+    if ppo is not None and len(ppo[0]):
+        a2.plot(np.sqrt(np.maximum(ppo[0], 0)), ppo[1], "s-", ms=3, label=f"PPO ({ppo[2]})")
+    a2.set_xlabel("√KL (nats)")
+    a2.set_ylabel("PM score")
+    a2.legend(fontsize=8)
+    page.figure(fig, f"{name}_curve", f"{name}: best-of-N PM score against N and against √KL")
+
+
+# --------------------------------------------------------------------------- the report
+def headline(kind: str, summary: dict, rows: list[dict]) -> str:
+    """One line per stage for the table at the top of the page."""
+    if not summary:
+        return "not complete"
+    if kind == "lm" and "eval/perplexity" in summary:
+        return (f"held-out perplexity {summary['eval/perplexity']:.4g} (unigram "
+                f"{summary.get('eval/unigram_perplexity', float('nan')):.4g})")
+    if kind == "pm" and "report" in summary:
+        o = summary["report"]["overall"]
+        return (f"accuracy {o['accuracy']:.3f} [{o['ci95'][0]:.3f}, {o['ci95'][1]:.3f}] on "
+                f"{o['n']} pairs; longer-wins {o['longer_wins']:.3f}")
+    if kind == "ppo":
+        kl, score, key = ppo_points(summary, rows)
+        if len(kl):
+            return f"{key} {score[0]:.4g} → {score[-1]:.4g} at KL {kl[-1]:.4g}"
+    if kind == "bon" and summary.get("curve"):
+        best = max(summary["curve"], key=lambda c: c["n"])
+        return f"best of {best['n']}: PM score {best['score']:.4g}"
+    return "complete"
+
+
+def run_report(page: Page, workdir: str) -> None:
+    config = read_json(os.path.join(workdir, "config.json"), {})
+    page.para(f"Workdir {workdir}; report written {datetime.datetime.now():%Y-%m-%d %H:%M}. "
+              "HH numbers are on the project's held-out split of the official HH-RLHF test "
+              "files, not the paper's test split (README).")
+    names = stage_order(workdir, config)
+    rows_by = {n: read_metrics(os.path.join(workdir, n)) for n in names}
+    summaries = {n: read_json(os.path.join(workdir, n, "summary.json"), {}) for n in names}
+    page.table(["stage", "kind", "headline"], [
+        [n, stage_kind(n, config, summaries[n]), headline(
+            stage_kind(n, config, summaries[n]), summaries[n], rows_by[n])] for n in names])
+    for name in names:
+        stage_dir = os.path.join(workdir, name)
+        summary = summaries[name]
+        kind = stage_kind(name, config, summary)
+        page.heading(f"Stage {name} ({kind})" + ("" if summary else " — not complete"))
+        if kind == "lm":
+            lm_section(page, name, summary, rows_by[name])
+        elif kind == "pm":
+            pm_section(page, name, summary, rows_by[name])
+        elif kind == "ppo":
+            ppo_section(page, name, summary, rows_by[name], stage_dir)
+        elif kind == "bon":
+            ppo = next((n for n in names if stage_kind(n, config, {}) == "ppo"), None)
+            bon_section(page, name, summary, None if ppo is None else ppo_points(
+                summaries[ppo], rows_by[ppo]))
+        else:
+            _curves(page, rows_by[name], [["train/loss"]], f"{name}_loss", f"{name}: loss")
+        scalars = _scalars(summary)
+        if scalars:
+            page.pre(f"{name}: summary.json scalars", "\n".join(f"{k} = {_fmt(v)}"
+                                                                 for k, v in scalars))
+    if config:
+        page.pre("config.json", json.dumps(config, indent=1, sort_keys=True))
+
+
+def write_report(workdir: str, out_dir: str | None = None) -> str | None:
+    """Writes report.html + report.md (+ report_files/*.png) for a run or a sweep root.
+    Returns the HTML path (None on processes other than 0, which write nothing)."""
+    import jax
+
+    if jax.process_index() != 0:
+        return None
+    workdir = os.path.abspath(workdir)
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{workdir}: no such workdir")
+    out_dir = os.path.abspath(out_dir or workdir)
+    from hh_jax import sweep
+
+    if sweep.is_sweep_root(workdir):
+        page = Page(out_dir, f"hh_jax sweep report: {os.path.basename(workdir)}")
+        sweep.sweep_report(page, workdir)
+    else:
+        page = Page(out_dir, f"hh_jax report: {os.path.basename(workdir)}")
+        run_report(page, workdir)
+    return page.write()[0]

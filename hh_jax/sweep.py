@@ -1,0 +1,271 @@
+"""`hh-jax sweep EXPERIMENT[:arg] [--dry-run]`: an experiment file's sweep() member by member.
+
+Each member is the experiment's config with that member's overrides, run into
+`ROOT/<member name>`. Locally the members run one after another in this process; a stage
+whose config (and every earlier stage's config) equals one a previous member completed
+is linked, not recomputed (e.g. one LM per size shared by all data fractions). With
+`--dry-run` the sweep prints one `hh-jax run` command per member instead, for a cluster
+launcher (launch/). `ROOT/sweep.json` lists the members; `hh-jax report ROOT` then fits
+the paper's PM scaling form acc ≈ a + b·log(P) + c·log(D) (PAPER.md §4, eq. A.1).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import re
+import shlex
+
+import numpy as np
+
+from hh_jax import experiment
+
+# PAPER.md §4, eq. A.1 (helpful-only PMs): acc ≈ 0.72 + 0.007·log(P/1e11) + 0.015·log(D/8e4)
+PAPER_FIT = {"a": 0.72, "b": 0.007, "c": 0.015}
+P_REF, D_REF = 1e11, 8e4
+
+
+def member_name(index: int, overrides: dict) -> str:
+    """`03_model-13M_fraction-0.25`: the index keeps names unique and ordered."""
+    parts = [f"{index:02d}"]
+    for key, value in overrides.items():
+        v = "+".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        parts.append(f"{key.split('.')[-1]}-{v}")
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", "_".join(parts))[:120]
+
+
+def members(spec: str) -> list[tuple[str, dict]]:
+    path, _, arg = spec.partition(":")
+    return [(member_name(i, m), m) for i, m in enumerate(experiment.expand_sweep(path, arg))]
+
+
+def default_root(spec: str) -> str:
+    path, _, arg = spec.partition(":")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", stem + (f"-{arg}" if arg else ""))
+
+
+def override_args(overrides: dict) -> list[str]:
+    """`--config.k=v` items that `experiment.parse_override` reads back to the same value
+    (a string stays bare unless it would parse as a literal: "13M" but "'1.0'")."""
+    return [f"--config.{k}={v if isinstance(v, str) and not _is_literal(v) else repr(v)}"
+            for k, v in overrides.items()]
+
+
+def _is_literal(text: str) -> bool:
+    try:
+        ast.literal_eval(text)
+        return True
+    except (ValueError, SyntaxError):
+        return False
+
+
+def command(spec: str, workdir: str, overrides: dict, extra: list[str] = ()) -> str:
+    return shlex.join(["hh-jax", "run", spec, "--workdir", workdir, *extra,
+                       *override_args(overrides)])
+
+
+def member_config(spec: str, overrides: dict, extra: list[str] = ()):
+    config = experiment.load_config(spec, list(extra))
+    for key, value in overrides.items():
+        experiment.set_path(config, key, value)
+    return config
+
+
+def _stage_keys(config) -> dict[str, str]:
+    """Per stage: a key for its config and every earlier stage's (before {workdir} is
+    filled, so equal keys mean equal work in any member)."""
+    keys, acc = {}, []
+    for name in config.stages:
+        acc.append([name, config[name].to_dict()])
+        keys[name] = json.dumps(acc, sort_keys=True, default=str)
+    return keys
+
+
+def _link_shared(config, member_dir: str, done: dict[str, str]) -> list[str]:
+    from hh_jax import checkpoint
+
+    linked = []
+    for name, key in _stage_keys(config).items():
+        target, here = done.get(key), os.path.join(member_dir, name)
+        if target and checkpoint.is_complete(target) and not os.path.exists(here):
+            os.makedirs(member_dir, exist_ok=True)
+            os.symlink(os.path.relpath(target, member_dir), here)
+            linked.append(name)
+    return linked
+
+
+def run(spec: str, root: str | None = None, extra: list[str] = (), dry_run: bool = False
+        ) -> list[str]:
+    """Runs (or, dry, prints) every member; returns the commands / member workdirs."""
+    root = root or default_root(spec)
+    todo = members(spec)
+    if not todo:
+        raise ValueError(f"{spec}: the experiment file has no sweep() or it adds no member")
+    if dry_run:
+        cmds = [command(spec, os.path.join(root, name), ov, extra) for name, ov in todo]
+        print("\n".join(cmds))
+        return cmds
+    from hh_jax import report
+
+    root = os.path.abspath(root)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "sweep.json"), "w") as f:
+        json.dump({"experiment": spec, "overrides": list(extra), "members": [
+            {"name": n, "overrides": ov} for n, ov in todo]}, f, indent=1, default=str)
+    done: dict[str, str] = {}
+    for i, (name, ov) in enumerate(todo):
+        member_dir = os.path.join(root, name)
+        config = member_config(spec, ov, extra)
+        linked = _link_shared(config, member_dir, done) if "://" not in root else []
+        print(f"[sweep] member {i + 1}/{len(todo)} {name}: {ov}"
+              + (f" (reusing {', '.join(linked)})" if linked else ""), flush=True)
+        experiment.run(config, member_dir)
+        for stage, key in _stage_keys(config).items():
+            done.setdefault(key, os.path.realpath(os.path.join(member_dir, stage)))
+        report.write_report(member_dir)
+    print(f"[sweep] report: {report.write_report(root)}", flush=True)
+    return [os.path.join(root, n) for n, _ in todo]
+
+
+# ---------------------------------------------------------------------- scaling report
+def non_embedding_params(model: dict) -> int:
+    """Transformer parameters without token embeddings / LM head (the paper's P)."""
+    d, k = model["d_model"], model.get("head_dim") or model["d_model"] // model["n_heads"]
+    attn = d * k * (2 * model["n_heads"] + 2 * model["n_kv_heads"])
+    per_layer = attn + 3 * d * model["d_ff"] + 2 * d
+    return model["n_layers"] * per_layer + d
+
+
+def fit_scaling(p, d, acc) -> dict:
+    """Least squares acc ≈ a + b·ln(P/1e11) + c·ln(D/8e4); a term whose variable takes one
+    value only is not identifiable and comes back NaN (its effect folds into a)."""
+    p, d, acc = (np.asarray(x, np.float64) for x in (p, d, acc))
+    cols = {"b": np.log(p / P_REF), "c": np.log(d / D_REF)}
+    use = [name for name, x in cols.items() if len(x) and np.ptp(x) > 0]
+    design = np.stack([np.ones_like(acc)] + [cols[n] for n in use], axis=1)
+    out = {"a": float("nan"), "b": float("nan"), "c": float("nan"), "r2": float("nan"),
+           "n": int(len(acc))}
+    if len(acc) < design.shape[1]:
+        return out
+    coef, *_ = np.linalg.lstsq(design, acc, rcond=None)
+    out.update({"a": float(coef[0]), **{n: float(c) for n, c in zip(use, coef[1:], strict=True)}})
+    resid = acc - design @ coef
+    if len(acc) > design.shape[1] and acc.var() > 0:
+        out["r2"] = float(1 - resid.var() / acc.var())
+    return out
+
+
+def _pm_stage(config: dict, member_dir: str) -> str | None:
+    from hh_jax import report
+
+    stages = list(config.get("stages", []))
+    if "pm" in stages:
+        return "pm"
+    pms = [s for s in stages if report.stage_kind(s, config, {}) == "pm"]
+    return pms[-1] if pms else None
+
+
+def member_dirs(root: str) -> list[str]:
+    """Members from sweep.json, else every subdirectory holding a config.json (a sweep run
+    member by member by a cluster launcher, which writes no sweep.json)."""
+    from hh_jax import report
+
+    info = report.read_json(os.path.join(root, "sweep.json"))
+    if info:
+        return [m["name"] for m in info["members"]]
+    return sorted(d for d in os.listdir(root)
+                  if os.path.exists(os.path.join(root, d, "config.json")))
+
+
+def is_sweep_root(root: str) -> bool:
+    return os.path.exists(os.path.join(root, "sweep.json")) or (
+        not os.path.exists(os.path.join(root, "config.json")) and bool(member_dirs(root)))
+
+
+def collect(root: str) -> list[dict]:
+    """One row per member with a finished PM stage: size, P, D, accuracy, CI."""
+    from hh_jax import report
+
+    rows = []
+    for name in member_dirs(root):
+        member_dir = os.path.join(root, name)
+        config = report.read_json(os.path.join(member_dir, "config.json"), {})
+        stage = _pm_stage(config, member_dir)
+        summary = report.read_json(os.path.join(member_dir, str(stage), "summary.json"))
+        meta = report.read_json(os.path.join(member_dir, str(stage), "params", "meta.json"))
+        row = {"member": name, "stage": stage, "complete": bool(summary and meta)}
+        if row["complete"]:
+            overall = summary["report"]["overall"]
+            row.update(size=(config.get("lm") or {}).get("model", "?"),
+                       P=non_embedding_params(meta["model"]), D=summary["data"]["used"],
+                       acc=overall["accuracy"], ci=overall["ci95"],
+                       longer=overall["longer_wins"])
+        rows.append(row)
+    return rows
+
+
+def sweep_report(page, root: str) -> None:
+    from hh_jax import report
+
+    info = report.read_json(os.path.join(root, "sweep.json"), {})
+    rows = collect(root)
+    page.para(f"Sweep of {info.get('experiment', 'an experiment')} ({len(rows)} members) under "
+              f"{root}. "
+              "P = non-embedding parameters, D = training comparisons, accuracy on the held-out "
+              "HH pairs with a 95% Wilson interval.")
+    done = [r for r in rows if r["complete"]]
+    page.table(["member", "PM stage", "size", "P", "D", "accuracy", "95% CI", "longer wins"],
+               [[r["member"], r["stage"], r.get("size"), r.get("P"), r.get("D"), r.get("acc"),
+                 f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if "ci" in r else "not complete",
+                 r.get("longer")] for r in rows])
+    fits = []
+    for stage in sorted({r["stage"] for r in done}):
+        group = [r for r in done if r["stage"] == stage]
+        fit = fit_scaling([r["P"] for r in group], [r["D"] for r in group],
+                          [r["acc"] for r in group])
+        fits.append([f"{stage} (ours, {fit['n']} runs)", fit["a"], fit["b"], fit["c"], fit["r2"]])
+        _scaling_plot(page, stage, group, fit)
+    fits.append(["paper eq. A.1 (helpful only, 13M–52B)", *PAPER_FIT.values(), float("nan")])
+    page.heading("Fit: acc ≈ a + b·ln(P/1e11) + c·ln(D/8e4)", 3)
+    page.table(["fit", "a", "b", "c", "R²"], fits)
+    page.links([(f"{r['member']} report", f"{r['member']}/report.html") for r in rows
+                if os.path.exists(os.path.join(root, r["member"], "report.html"))])
+
+
+def _scaling_plot(page, stage: str, group: list[dict], fit: dict) -> None:
+    from hh_jax import report
+
+    plt = report._plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, (x_key, line_key, xlabel) in zip(axes, [("D", "P", "D (training comparisons)"),
+                                                    ("P", "D", "P (non-embedding params)")],
+                                             strict=True):
+        for color, value in zip(report.COLORS * 4, sorted({r[line_key] for r in group}),
+                                strict=False):
+            pts = sorted((r for r in group if r[line_key] == value), key=lambda r: r[x_key])
+            x = np.asarray([r[x_key] for r in pts], np.float64)
+            acc = np.asarray([r["acc"] for r in pts])
+            ci = np.asarray([r["ci"] for r in pts]).reshape(-1, 2)
+            label = f"{line_key}={value:,}" + (f" ({pts[0]['size']})" if line_key == "P" else "")
+            ax.errorbar(x, acc, yerr=[acc - ci[:, 0], ci[:, 1] - acc], fmt="o-", color=color,
+                        capsize=3, label=label)
+            if math.isfinite(fit["a"]):
+                xs = np.geomspace(x.min(), x.max(), 20) if len(x) > 1 else x
+                pred = _predict(fit, xs if x_key == "P" else value, xs if x_key == "D" else value)
+                ax.plot(xs, pred * np.ones_like(xs), "--", color=color, lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out accuracy")
+        ax.axhline(0.5, color="gray", ls=":", lw=1)
+        ax.legend(fontsize=7)
+    page.figure(fig, f"scaling_{stage}", f"{stage}: accuracy against data (left) and PM size "
+                "(right); dashed: the fit")
+
+
+def _predict(fit: dict, p, d):
+    b = 0.0 if math.isnan(fit["b"]) else fit["b"]
+    c = 0.0 if math.isnan(fit["c"]) else fit["c"]
+    return fit["a"] + b * np.log(np.asarray(p) / P_REF) + c * np.log(np.asarray(d) / D_REF)

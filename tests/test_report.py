@@ -1,0 +1,149 @@
+"""`hh-jax report`: a self-contained HTML page and a Markdown twin from a workdir's files.
+
+The workdirs are written with the stages' own writers (metrics.MetricsWriter,
+metrics.write_summary, evaluate.pm_report), so the report reads the real formats.
+"""
+
+import base64
+import io
+import json
+import math
+import os
+import re
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from hh_jax import evaluate, main, metrics, report
+
+MODEL = {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+         "d_ff": 128}
+
+
+def _pm_stage(stage_dir, rng, n=200, skill=1.0):
+    w = metrics.MetricsWriter(str(stage_dir))
+    for step in range(5, 30, 5):
+        w.write(step, {"train/loss": 0.7 - step / 200, "train/accuracy": 0.5 + step / 100})
+    w.close()
+    margin = rng.normal(skill, 1.0, n)
+    rc = rng.normal(0, 1, n)
+    subsets = rng.choice(["harmless-base", "helpful-base"], n)
+    rep = evaluate.pm_report(rc, rc - margin, subsets, rng.integers(1, 4, n),
+                             rng.integers(10, 200, n), rng.integers(10, 200, n))
+    metrics.write_summary(str(stage_dir), {"eval/accuracy": rep["overall"]["accuracy"],
+                                           "report": rep, "steps": 25,
+                                           "data": {"used": 400}})
+    os.makedirs(stage_dir / "params", exist_ok=True)
+    (stage_dir / "params" / "meta.json").write_text(json.dumps({"stage": "pm", "model": MODEL}))
+    return rep
+
+
+def _workdir(root, with_rl=True, seed=0):
+    rng = np.random.default_rng(seed)
+    stages = ["lm", "pmp", "pm"] + (["ppo", "bon"] if with_rl else [])
+    config = {"stages": stages, "pmp": {"stage": "pmp"}, "pm": {"stage": "pm"},
+              "lm": {"model": "test"}}
+    os.makedirs(root, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(config))
+    w = metrics.MetricsWriter(str(root / "lm"))
+    for step in (2, 4, 6):
+        w.write(step, {"train/loss": 7.0 - step / 2})
+    w.write(6, {"eval/loss": 4.87, "eval/perplexity": 130.19})
+    w.close()
+    metrics.write_summary(str(root / "lm"), {"eval/perplexity": 130.19, "eval/loss": 4.87,
+                                             "eval/unigram_perplexity": 29.53, "steps": 6})
+    reps = {s: _pm_stage(root / s, rng) for s in ("pmp", "pm")}
+    if with_rl:  # hh_jax.ppo_stage's outputs
+        w = metrics.MetricsWriter(str(root / "ppo"))
+        evals = []
+        for it in range(0, 21):
+            kl = 0.4 * it
+            if it:
+                w.write(it, {"objective/kl": kl * 1.1, "objective/score": 0.2 + math.sqrt(kl)})
+            if it % 4 == 0:
+                evals.append({"iteration": it, "eval/kl": kl,
+                              "eval/score": 0.3 + 0.8 * math.sqrt(kl)})
+                w.write(it, evals[-1])
+        w.close()
+        for it, response, score in [(0, "I don't know.", -0.5), (20, "Mix flour, water...", 1.25)]:
+            with open(root / "ppo" / f"samples_{it}.jsonl", "w") as f:
+                f.write(json.dumps({"prompt": "Human: How do I bake bread? <b>", "kl": 0.1 * it,
+                                    "response": response, "score": score}) + "\n")
+        metrics.write_summary(str(root / "ppo"), {"initial": evals[0], "final": evals[-1],
+                                                  "evals": evals})
+        metrics.write_summary(str(root / "bon"), {"curve": [
+            {"n": n, "score": 0.1 * math.log(n)} for n in (1, 2, 4, 8, 16, 32, 64)]})
+    return reps
+
+
+def _images(html: str) -> list[np.ndarray]:
+    return [matplotlib.image.imread(io.BytesIO(base64.b64decode(b)), format="png")
+            for b in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def test_report_is_self_contained_and_complete(tmp_path):
+    reps = _workdir(tmp_path / "run")
+    path = report.write_report(str(tmp_path / "run"))
+    assert path == str(tmp_path / "run" / "report.html")
+    page = open(path).read()
+    md = open(tmp_path / "run" / "report.md").read()
+    images = _images(page)
+    # lm curves; pmp and pm: accuracy panel + training curves; ppo curves + √KL; bon curve
+    assert len(images) == 1 + 2 * 2 + 2 + 1
+    for img in images:  # decodable PNGs that are not blank
+        assert img.ndim == 3 and img.shape[0] > 100 and img[..., :3].std() > 0.05
+    assert not re.search(r'(src|href)="(https?:)?//', page) and "<script" not in page
+    files = sorted(os.listdir(tmp_path / "run" / "report_files"))
+    assert len(files) == len(images) and all(f"report_files/{f}" in md for f in files)
+    for stage in ("lm", "pmp", "pm", "ppo", "bon"):
+        assert f"Stage {stage}" in page and f"Stage {stage}" in md
+    acc = report._fmt(reps["pm"]["per_subset"]["helpful-base"]["accuracy"])
+    lo, hi = reps["pm"]["per_subset"]["helpful-base"]["ci95"]
+    for text in (acc, f"[{lo:.3f}, {hi:.3f}]", "130.2", "29.53"):
+        assert text in page and text in md
+    # the planted score = 0.3 + 0.8·√KL is recovered and printed
+    assert re.search(r"eval/score ≈ a \+ b·√KL \| 0\.3 \| 0\.8 \| 1 \| 6 \|", md)
+    assert "eval/score 0.3 → 2.563 at KL 8" in md  # the headline: π0 → final
+    assert "Before RLHF (π0): PM score -0.500" in md and "Mix flour, water..." in md
+    assert "After RLHF (iteration 20): PM score 1.250" in page
+    assert "&lt;b&gt;" in page  # sample text is escaped, not markup
+    assert "0.2773" in md  # best of 8: 0.1·ln 8 with 4 significant digits
+
+
+def test_rl_sections_appear_only_when_their_stages_exist(tmp_path):
+    _workdir(tmp_path / "run", with_rl=False)
+    page = open(report.write_report(str(tmp_path / "run"))).read()
+    assert "Stage ppo" not in page and "Stage bon" not in page and "√KL" not in page
+    assert len(_images(page)) == 5
+
+
+def test_sqrt_kl_fit_recovers_planted_line():
+    rng = np.random.default_rng(0)
+    kl = rng.uniform(0, 25, 400)
+    score = -0.2 + 0.45 * np.sqrt(kl) + rng.normal(0, 0.01, 400)
+    fit = report.sqrt_kl_fit(kl, score)
+    assert fit["a"] == pytest.approx(-0.2, abs=0.01) and fit["b"] == pytest.approx(0.45, abs=0.01)
+    assert fit["r2"] > 0.99
+    assert math.isnan(report.sqrt_kl_fit([1.0], [2.0])["b"])
+
+
+def test_metrics_of_a_resumed_run_keep_one_row_per_step(tmp_path):
+    w = metrics.MetricsWriter(str(tmp_path))
+    for step, loss in [(2, 5.0), (4, 4.0), (4, 3.5), (6, 3.0)]:  # step 4 logged again
+        w.write(step, {"train/loss": loss})
+    w.write(4, {"eval/loss": 4.2})
+    w.close()
+    steps, loss = report.series(report.read_metrics(str(tmp_path)), "train/loss")
+    np.testing.assert_array_equal(steps, [2, 4, 6])
+    np.testing.assert_array_equal(loss, [5.0, 3.5, 3.0])
+    assert report.series(report.read_metrics(str(tmp_path)), "eval/loss")[1].tolist() == [4.2]
+
+
+def test_cli_report(tmp_path, capsys):
+    _workdir(tmp_path / "run", with_rl=False)
+    assert main.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "report.html")
+    assert os.path.exists(tmp_path / "out" / "report.md")
+    assert main.main(["report", str(tmp_path / "missing")]) == 1
+    assert "no such workdir" in capsys.readouterr().err
