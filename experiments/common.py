@@ -143,3 +143,25 @@ def distill_config(**overrides) -> ConfigDict:
     c.optim.lr_min_ratio = 0.0  # decayed linearly to 0
     c.update(overrides)
     return c
+
+
+def bon_config(**overrides) -> ConfigDict:
+    """Best-of-n from π0 with the train PM, judged by the test PM (PAPER.md §4.3)."""
+    c = ConfigDict(dict(
+        stage="bon",
+        policy_from="{workdir}/distill/params",
+        pm_from="{workdir}/pm/params",
+        test_pm_from="{workdir}/pm_test/params",
+        ppo_dir="{workdir}/ppo",
+        data=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS)),
+        ns=(1, 2, 4, 8, 16),
+        eval_prompts=64,
+        prompt_len=64,
+        response_len=32,
+        batch_size=64,
+        temperature=1.0,
+        mesh=(-1, 1, 1),
+        seed=0,
+    ))
+    c.update(overrides)
+    return c

@@ -8,8 +8,10 @@ One member: hh-jax run experiments/pm_scaling.py:cpu --workdir DIR --config.lm.m
 Each member runs lm → pmp → pm; members of one size share their LM and PMP stages (the
 local sweep links them), so only the PM is trained once per data fraction.
 Hardware and runtime:
-    "tiny" sizes test/6M × fractions 1/64, 1/16: 4 members, about 6 minutes on 2 CPU cores.
-    "cpu"  sizes test/6M × fractions 1/16, 1/4, 1: 6 members, about 40 minutes on 2 CPU cores.
+    "tiny" sizes test/6M × fractions 1/64, 1/16: 4 members, 20 minutes measured on 2 busy
+           CPU cores (most of it the two LMs and their sentencepiece tokenizers).
+    "cpu"  sizes test/6M × fractions 1/16, 1/4, 1: 6 members, roughly 1–2 hours on 2 CPU
+           cores (not measured; the 150-step 6M LM and the full-data PMs dominate).
     ""     paper sizes 13M/42M/197M/810M × DATA_FRACTIONS (16 members): a GPU or a TPU
            slice (launch/), hours; the 810M LM dominates.
 Expected: accuracy rises roughly linearly in log D and log P; on the helpful subsets the

@@ -9,23 +9,29 @@ perplexity of the same tokenizer (see README "Results").
 Arg: "tiny" shrinks everything to the "test" model for a seconds-long check.
 """
 
-from common import distill_config, lm_config, pm_config, ppo_config
+from common import bon_config, distill_config, lm_config, pm_config, ppo_config
 from ml_collections import ConfigDict
 
 
 def get_config(arg: str = "") -> ConfigDict:
     c = ConfigDict()
-    c.stages = ("lm", "distill", "pmp", "pm", "pm_test", "ppo")
-    c.lm = lm_config()
+    c.stages = ("lm", "distill", "pmp", "pm", "pm_test", "ppo", "bon")
+    # CPU budget: every stage is cut to minutes; experiments/pm_hh.py trains PMs on all data
+    c.lm = lm_config(steps=100)
     c.distill = distill_config(steps=30)
-    c.pmp = pm_config("pmp")
+    c.pmp = pm_config("pmp", max_len=256)
+    c.pmp.data.fraction = 0.06
     # robustness protocol (PAPER.md §4.2): the train PM and the test PM see disjoint halves
-    c.pm = pm_config("pm")
-    c.pm.data.half = "a"
-    c.pm_test = pm_config("pm")
-    c.pm_test.data.half = "b"
+    c.pm = pm_config("pm", max_len=256)
+    c.pm.data.half, c.pm.data.fraction = "a", 0.3
+    c.pm_test = pm_config("pm", max_len=256)
+    c.pm_test.data.half, c.pm_test.data.fraction = "b", 0.3
+    for stage in (c.pmp, c.pm, c.pm_test):
+        stage.eval.max_pairs = 256
     c.ppo = ppo_config(policy_from="{workdir}/distill/params",
-                       test_pm_from="{workdir}/pm_test/params")
+                       test_pm_from="{workdir}/pm_test/params", iterations=30,
+                       eval_prompts=32)
+    c.bon = bon_config(eval_prompts=32)
     if arg == "tiny":
         c.lm.model = "test"
         c.lm.tokenizer.vocab_size = 512
@@ -39,6 +45,7 @@ def get_config(arg: str = "") -> ConfigDict:
         c.ppo.iterations, c.ppo.batch_size, c.ppo.eval_prompts = 4, 8, 16
         c.ppo.prompt_len, c.ppo.response_len, c.ppo.eval_every, c.ppo.ckpt_every = 32, 8, 2, 2
         c.ppo.log_every = 1
+        c.bon.ns, c.bon.eval_prompts, c.bon.prompt_len, c.bon.response_len = (1, 2, 4), 8, 32, 8
         for stage in (c.pmp, c.pm, c.pm_test):
             stage.max_len, stage.batch_size, stage.eval_batch_size = 64, 8, 16
             stage.data.fraction, stage.eval.max_pairs, stage.ckpt_every = 0.02, 32, 4

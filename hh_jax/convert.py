@@ -271,8 +271,8 @@ def params_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype="fl
         for i in range(cfg.n_layers):
             stacked[i] = get(_layer(i, m)).T.reshape(shape)
         flat["layers/" + _LAYER[m][0]] = stacked
-    flat["embed/embedding"] = get("model.embed_tokens.weight").astype(dtype)
-    flat["final_norm/scale"] = get("model.norm.weight").astype(dtype)
+    flat["embed/embedding"] = get("model.embed_tokens.weight").astype(dtype, copy=False)
+    flat["final_norm/scale"] = get("model.norm.weight").astype(dtype, copy=False)
     if not cfg.tie_embeddings:
         flat["lm_head/kernel"] = get("lm_head.weight").T.astype(dtype)
     return {"params": traverse_util.unflatten_dict(flat, sep="/")}

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, lm_data, losses, metrics, sharding, state, trainer
+from hh_jax import checkpoint, lm_data, loaders, losses, metrics, sharding, state, trainer
 from hh_jax.model import SIZES, ModelConfig, Transformer
 from hh_jax.optim import make_optimizer
 from hh_jax.tokenizer import unigram_perplexity
@@ -32,8 +32,15 @@ def model_config(cfg: ConfigDict, vocab_size: int) -> ModelConfig:
     return SIZES[cfg.model].replace(vocab_size=vocab_size, **overrides)
 
 
+def _forward(params, batch, model: Transformer):
+    """Packed rows carry segment ids and per-document positions: documents stay apart."""
+    return model.apply(params, batch["tokens_BxL"], mask_BxL=batch["mask_BxL"],
+                       segment_ids_BxL=batch.get("segment_ids_BxL"),
+                       positions_BxL=batch.get("positions_BxL"))
+
+
 def lm_loss(params, batch, model: Transformer):
-    out = model.apply(params, batch["tokens_BxL"], mask_BxL=batch["mask_BxL"])
+    out = _forward(params, batch, model)
     nll, count = losses.next_token_xent(out["logits_BxLxV"], batch["tokens_BxL"],
                                         batch["weights_BxL"])
     return nll / jnp.maximum(count, 1.0), count
@@ -51,18 +58,21 @@ def train_step(st: state.TrainState, batch, *, model: Transformer,
 
 def eval_step(params, batch, *, model: Transformer):
     """(summed NLL, scored tokens) of a batch: summed so eval averages exactly."""
-    out = model.apply(params, batch["tokens_BxL"], mask_BxL=batch["mask_BxL"])
+    out = _forward(params, batch, model)
     return losses.next_token_xent(out["logits_BxLxV"], batch["tokens_BxL"], batch["weights_BxL"])
 
 
-def evaluate(eval_fn, params, windows_NxL: np.ndarray, batch_size: int, mesh) -> dict:
+def from_loader(batch: dict) -> dict:
+    """A grain LM batch → the step's inputs (attention mask, loss weights, segments)."""
+    return {"tokens_BxL": batch["tokens_BxL"], "weights_BxL": batch["mask_BxL"],
+            "mask_BxL": batch["segment_ids_BxL"] > 0, "segment_ids_BxL": batch["segment_ids_BxL"],
+            "positions_BxL": batch["positions_BxL"]}
+
+
+def evaluate(eval_fn, params, batches: list[dict], mesh) -> dict:
     nll, count = 0.0, 0.0
-    for i in range(0, len(windows_NxL) - batch_size + 1, batch_size):
-        tokens = windows_NxL[i:i + batch_size]
-        ones = np.ones_like(tokens, np.float32)
-        batch = sharding.put_batch(
-            {"tokens_BxL": tokens, "mask_BxL": ones.astype(bool), "weights_BxL": ones}, mesh)
-        s, c = eval_fn(params, batch)
+    for batch in batches:
+        s, c = eval_fn(params, sharding.put_batch(batch, mesh))
         nll, count = nll + float(s), count + float(c)
     loss = nll / max(count, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(loss), "eval/tokens": count}
@@ -78,12 +88,12 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
           f"{len(texts['train'])} train / {len(texts['heldout'])} held-out", flush=True)
     tok = lm_data.get_tokenizer(cfg.tokenizer.kind, texts["train"], stage_dir,
                                 cfg.tokenizer.vocab_size, cfg.seed)
-    train_ids = lm_data.encode_all(tok, texts["train"])
-    heldout_ids = lm_data.encode_all(tok, texts["heldout"])
-    batches = lm_data.PackedBatches(lm_data.pack(train_ids, tok.eos_id, cfg.seq_len),
-                                    cfg.batch_size, cfg.seed)
-    eval_NxL = lm_data.eval_windows(lm_data.pack(heldout_ids, tok.eos_id, cfg.seq_len),
-                                    cfg.eval_tokens)
+    train_ds = loaders.lm_dataset(texts["train"], tok, seq_len=cfg.seq_len,
+                                  global_batch=cfg.batch_size, seed=cfg.seed)
+    heldout_ds = loaders.lm_dataset(texts["heldout"], tok, seq_len=cfg.seq_len,
+                                    global_batch=cfg.batch_size, seed=0, num_epochs=1)
+    n_eval = max(1, cfg.eval_tokens // (cfg.seq_len * cfg.batch_size))
+    eval_batches = [from_loader(b) for b in itertools.islice(iter(heldout_ds), n_eval)]
     mesh = sharding.make_mesh(cfg.mesh)
     mcfg = model_config(cfg, tok.vocab_size)
     model = Transformer(mcfg)
@@ -92,37 +102,39 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     boxed_init = lambda: model.init(jax.random.key(cfg.seed), dummy)  # noqa: E731
     st, st_sh, ckpts, data_state, how = trainer.resume_or_init(cfg, stage_dir, boxed_init,
                                                                optimizer, mesh)
-    if data_state is not None:
-        batches.check_state(data_state, os.path.join(stage_dir, "checkpoints"))
+    it = iter(train_ds)
+    if data_state is not None:  # the grain iterator's position, saved with the model
+        it.set_state(data_state["iterator"])
     step_fn = trainer.jit_train_step(
         functools.partial(train_step, model=model, optimizer=optimizer), st_sh, mesh)
     eval_fn = jax.jit(functools.partial(eval_step, model=model),
                       in_shardings=(st_sh.params, sharding.batch_sharding(mesh)))
     writer = metrics.MetricsWriter(stage_dir)
-    print(f"[lm] {mcfg.n_layers}L d{mcfg.d_model} vocab {mcfg.vocab_size}, "
-          f"{len(batches.windows_NxL)} train windows of {cfg.seq_len}, {how}", flush=True)
-    pidx, pcount = jax.process_index(), jax.process_count()
+    print(f"[lm] {mcfg.n_layers}L d{mcfg.d_model} vocab {mcfg.vocab_size}, packed rows of "
+          f"{cfg.seq_len}, {how}", flush=True)
     try:
         with sharding.activate(mesh):
             st = trainer.train_loop(
-                "lm", cfg, st, step_fn, lambda step: batches.batch(step, pidx, pcount),
-                batches.state, ckpts, writer, mesh, cfg.steps,
+                "lm", cfg, st, step_fn, lambda _: from_loader(next(it)),
+                lambda _: {"iterator": it.get_state()}, ckpts, writer, mesh, cfg.steps,
                 real_tokens=lambda b: float(b["weights_BxL"].sum()),
-                evaluate=lambda params, _: evaluate(eval_fn, params, eval_NxL, cfg.batch_size,
-                                                    mesh))
-            final = evaluate(eval_fn, st.params, eval_NxL, cfg.batch_size, mesh)
+                evaluate=lambda params, _: evaluate(eval_fn, params, eval_batches, mesh))
+            final = evaluate(eval_fn, st.params, eval_batches, mesh)
     finally:  # also on NaN / Ctrl-C: let in-flight saves of good checkpoints commit
         ckpts.close()
     writer.write(int(st.step), final)
     writer.close()
-    unigram = unigram_perplexity(train_ids, [eval_NxL.reshape(-1)], tok.vocab_size)
+    train_ids = lm_data.encode_all(tok, texts["train"])
+    # the tokens the LM is scored on: every weighted target (position ≥ 1 of a row)
+    eval_ids = [b["tokens_BxL"][:, 1:][b["weights_BxL"][:, 1:] > 0] for b in eval_batches]
+    unigram = unigram_perplexity(train_ids, eval_ids, tok.vocab_size)
     export_dir = os.path.join(stage_dir, "params")
     checkpoint.export_params(export_dir, st.params, {
         "stage": "lm", "step": int(st.step), "model": dataclasses.asdict(mcfg),
         "tokenizer": _export_tokenizer(cfg, tok, export_dir)})
     summary = {**final, "eval/unigram_perplexity": unigram, "steps": int(st.step),
                "params": int(sum(x.size for x in jax.tree_util.tree_leaves(st.params))),
-               "train_windows": len(batches.windows_NxL), "heldout_windows": len(eval_NxL),
+               "train_dialogues": len(texts["train"]), "eval_batches": len(eval_batches),
                "data": data_report}
     metrics.write_summary(stage_dir, summary)
     print(f"[lm] held-out perplexity {final['eval/perplexity']:.2f} "

@@ -7,14 +7,18 @@ import sys
 
 
 def _run(args, overrides) -> int:
-    from hh_jax import experiment
+    from hh_jax import distributed, experiment, report
 
+    distributed.maybe_initialize()  # first: before anything touches a JAX backend
     config = experiment.load_config(args.experiment, overrides)
     summaries = experiment.run(config, args.workdir)
     for stage, summary in summaries.items():  # scalars only; summary.json has the rest
         print(f"[{stage}] summary: " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in summary.items() if isinstance(v, int | float)))
+    path = report.write_report(args.workdir)  # None on processes other than 0
+    if path:
+        print(f"report: {path}", flush=True)
     return 0
 
 
@@ -50,8 +54,10 @@ def _report(args, _) -> int:
 
 
 def _sweep(args, overrides) -> int:
-    from hh_jax import sweep
+    from hh_jax import distributed, sweep
 
+    if not args.dry_run:
+        distributed.maybe_initialize()
     sweep.run(args.experiment, args.workdir, overrides, dry_run=args.dry_run)
     return 0
 

@@ -10,8 +10,8 @@ follows its kind (`config.<stage>.stage`, else its name):
                  against iteration; held-out score against √KL with the linear fit of
                  PAPER.md §4.3 (summary["sqrt_kl_fit"], else fitted here); responses before
                  and after RLHF from the first and last `samples_<iteration>.jsonl`
-  bon            summary["curve"] = [{"n", "score"[, "kl"]}]: PM score against N and
-                 against √KL, KL = log N − (N−1)/N unless given (PAPER.md §4.3, B.6)
+  bon            hh_jax.bon's rows: train- and judge-PM score of best-of-n against n and
+                 against √KL (KL = log n − (n−1)/n), beside PPO's held-out scores
 A sweep root (`sweep.json`, or member dirs without a config.json of its own) gets the
 sweep report of hh_jax.sweep instead.
 """
@@ -213,6 +213,15 @@ def _scalars(summary: dict) -> list[list]:
 
 
 def lm_section(page: Page, name: str, summary: dict, rows: list[dict]) -> None:
+    if "eval/distill_kl" in summary:  # context distillation: before → after, vs the teacher
+        keys = ["eval/distill_kl", "eval/perplexity", "eval/teacher_perplexity"]
+        page.table(["held-out", "before (init_from)", "after"],
+                   [[k, summary.get(k.replace("eval/", "eval_before/")), summary.get(k)]
+                    for k in keys])
+        _curves(page, rows, [["train/loss"], ["eval_before/distill_kl", "eval/distill_kl"]],
+                f"{name}_loss",
+                f"{name}: training loss; held-out KL(prompted teacher ‖ student) on top-k")
+        return
     if "eval/perplexity" in summary:
         page.table(["held-out perplexity", "unigram perplexity", "eval loss", "steps", "params"],
                    [[summary["eval/perplexity"], summary.get("eval/unigram_perplexity"),
@@ -243,6 +252,12 @@ def pm_section(page: Page, name: str, summary: dict, rows: list[dict]) -> None:
             {"train/accuracy": 0.5})
 
 
+def error_bars(acc, ci) -> np.ndarray:
+    """[below, above] for errorbar; ≥ 0 (at 0% or 100% the Wilson bound is off by 1 ulp)."""
+    acc, ci = np.asarray(acc, np.float64), np.asarray(ci, np.float64).reshape(-1, 2)
+    return np.maximum(np.stack([acc - ci[:, 0], ci[:, 1] - acc]), 0.0)
+
+
 def _accuracy_plot(page: Page, name: str, rep: dict) -> None:
     plt = _plt()
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.8),
@@ -252,7 +267,7 @@ def _accuracy_plot(page: Page, name: str, rep: dict) -> None:
     acc = np.asarray([r["accuracy"] for _, r in subs])
     ci = np.asarray([r["ci95"] for _, r in subs])
     a1.barh(y, acc, color=COLORS[0], alpha=0.8, label="PM accuracy")
-    a1.errorbar(acc, y, xerr=[acc - ci[:, 0], ci[:, 1] - acc], fmt="none", ecolor="k", capsize=3)
+    a1.errorbar(acc, y, xerr=error_bars(acc, ci), fmt="none", ecolor="k", capsize=3)
     a1.plot([r["longer_wins"] for _, r in subs], y, "D", color=COLORS[1], label="longer wins")
     a1.axvline(0.5, color="gray", ls="--", lw=1)
     a1.set_yticks(y, [f"{s} (n={r['n']})" for s, r in subs], fontsize=8)
@@ -262,8 +277,8 @@ def _accuracy_plot(page: Page, name: str, rep: dict) -> None:
     turns = list(rep["per_turn"].items())
     t_acc = np.asarray([r["accuracy"] for _, r in turns])
     t_ci = np.asarray([r["ci95"] for _, r in turns]).reshape(-1, 2)
-    a2.errorbar([int(t) for t, _ in turns], t_acc, yerr=[t_acc - t_ci[:, 0], t_ci[:, 1] - t_acc],
-                fmt="o-", capsize=3)
+    a2.errorbar([int(t) for t, _ in turns], t_acc, yerr=error_bars(t_acc, t_ci), fmt="o-",
+                capsize=3)
     a2.axhline(0.5, color="gray", ls="--", lw=1)
     a2.set_xlabel("Human turns in the context")
     a2.set_ylabel("accuracy")
@@ -359,27 +374,34 @@ def _jsonl(path: str) -> list[dict]:
 
 
 def bon_section(page: Page, name: str, summary: dict, ppo: tuple | None) -> None:
-    curve = summary.get("curve") or []
-    if not curve:
+    """hh_jax.bon's summary["rows"]: {n, kl, score (train PM), test_score (judge PM),
+    ppo_test_score_at_same_kl}; KL = log n − (n − 1)/n is analytic (PAPER.md §4.3)."""
+    rows = summary.get("rows") or []
+    if not rows:
         return
-    n = np.asarray([c["n"] for c in curve], np.float64)
-    score = np.asarray([c["score"] for c in curve], np.float64)
-    kl = np.asarray([c.get("kl", math.log(c["n"]) - (c["n"] - 1) / c["n"]) for c in curve])
-    page.table(["N", "KL = log N − (N−1)/N", "mean PM score of best of N"],
-               [[int(a), b, c] for a, b, c in zip(n, kl, score, strict=True)])
+    judge = summary.get("judge", "eval/score")
+    page.table(["n", "KL = log n − (n−1)/n", "train-PM score", f"judge ({judge})",
+                "PPO at the same KL"],
+               [[r["n"], r["kl"], r["score"], r.get("test_score"),
+                 r.get("ppo_test_score_at_same_kl")] for r in rows])
+    n, kl = np.asarray([r["n"] for r in rows]), np.asarray([r["kl"] for r in rows])
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a1.plot(n, score, "o-")
-    a1.set_xscale("log", base=2)
-    a1.set_xlabel("N (samples per prompt)")
-    a1.set_ylabel("PM score")
-    a2.plot(np.sqrt(kl), score, "o-", label="best of N")
+    for key, label in (("score", "train PM"), ("test_score", f"judge ({judge})")):
+        if all(isinstance(r.get(key), int | float) for r in rows):
+            y = [r[key] for r in rows]
+            a1.plot(n, y, "o-", label=label)
+            a2.plot(np.sqrt(kl), y, "o-", label=f"best of n, {label}")
     if ppo is not None and len(ppo[0]):
-        a2.plot(np.sqrt(np.maximum(ppo[0], 0)), ppo[1], "s-", ms=3, label=f"PPO ({ppo[2]})")
-    a2.set_xlabel("√KL (nats)")
-    a2.set_ylabel("PM score")
-    a2.legend(fontsize=8)
-    page.figure(fig, f"{name}_curve", f"{name}: best-of-N PM score against N and against √KL")
+        a2.plot(np.sqrt(np.maximum(ppo[0], 0)), ppo[1], "s--", ms=3, label=f"PPO ({ppo[2]})")
+    a1.set_xscale("log", base=2)
+    a1.set_xlabel("n (samples per prompt)")
+    a2.set_xlabel("√KL(π‖π0) (nats)")
+    for ax in (a1, a2):
+        ax.set_ylabel("PM score")
+        ax.legend(fontsize=7)
+    page.figure(fig, f"{name}_curve", f"{name}: best-of-n PM score against n and, beside "
+                "PPO, against √KL")
 
 
 # --------------------------------------------------------------------------- the report
@@ -387,6 +409,9 @@ def headline(kind: str, summary: dict, rows: list[dict]) -> str:
     """One line per stage for the table at the top of the page."""
     if not summary:
         return "not complete"
+    if kind == "lm" and "eval/distill_kl" in summary:
+        return (f"held-out distill KL {summary.get('eval_before/distill_kl', float('nan')):.4g}"
+                f" → {summary['eval/distill_kl']:.4g}")
     if kind == "lm" and "eval/perplexity" in summary:
         return (f"held-out perplexity {summary['eval/perplexity']:.4g} (unigram "
                 f"{summary.get('eval/unigram_perplexity', float('nan')):.4g})")
@@ -398,9 +423,10 @@ def headline(kind: str, summary: dict, rows: list[dict]) -> str:
         kl, score, key = ppo_points(summary, rows)
         if len(kl):
             return f"{key} {score[0]:.4g} → {score[-1]:.4g} at KL {kl[-1]:.4g}"
-    if kind == "bon" and summary.get("curve"):
-        best = max(summary["curve"], key=lambda c: c["n"])
-        return f"best of {best['n']}: PM score {best['score']:.4g}"
+    if kind == "bon" and summary.get("rows"):
+        best = max(summary["rows"], key=lambda r: r["n"])
+        return (f"best of {best['n']}: train-PM score {best['score']:.4g}, judge "
+                f"{best.get('test_score', float('nan')):.4g}")
     return "complete"
 
 

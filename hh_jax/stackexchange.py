@@ -8,7 +8,9 @@ up-votes A21 used, so `votes` here is the net score.
 Two output modes:
   * ranked: one comparison per pair, the higher-scored answer chosen;
   * binarized (A21 §4.1): each ranked pair A > B becomes `GOOD:A > BAD:A` and
-    `BAD:B > GOOD:B`: the same answer tagged " GOOD:" vs " BAD:" after "Assistant:".
+    `BAD:B > GOOD:B`: the same answer tagged GOOD vs BAD. The tag goes at the END of the
+    answer (" <answer>\n\n[GOOD]"): PM inputs are truncated from the left, and a tag at
+    the start of a long answer would be cut away, leaving two identical sequences.
 
 Prompts are `"\\n\\nHuman: <title>\\n\\n<question>\\n\\nAssistant:"` with HTML turned into
 plain text. Every comparison keeps its attribution (site, post ids, author ids: the
@@ -33,7 +35,7 @@ from hh_jax.data import (
     split_of,
 )
 
-GOOD, BAD = " GOOD:", " BAD:"
+GOOD, BAD = "[GOOD]", "[BAD]"
 _BLOCK_TAGS = {"p", "div", "pre", "blockquote", "li", "ul", "ol", "br", "hr", "h1", "h2", "h3",
                "h4", "h5", "h6", "table", "tr"}
 
@@ -207,9 +209,9 @@ def pair_comparisons(site: str, source: str, q: dict, good: dict, bad: dict, bin
         return [Comparison(chosen=" " + good["body"], rejected=" " + bad["body"],
                            line=good["line"], attribution=f"{where} {a} > {b}", **common)]
     return [
-        Comparison(chosen=f"{GOOD} {good['body']}", rejected=f"{BAD} {good['body']}",
+        Comparison(chosen=f" {good['body']}\n\n{GOOD}", rejected=f" {good['body']}\n\n{BAD}",
                    line=good["line"], attribution=f"{where} {a}: GOOD > BAD", **common),
-        Comparison(chosen=f"{BAD} {bad['body']}", rejected=f"{GOOD} {bad['body']}",
+        Comparison(chosen=f" {bad['body']}\n\n{BAD}", rejected=f" {bad['body']}\n\n{GOOD}",
                    line=bad["line"], attribution=f"{where} {b}: BAD > GOOD", **common),
     ]
 

@@ -108,18 +108,24 @@ def run(spec: str, root: str | None = None, extra: list[str] = (), dry_run: bool
         cmds = [command(spec, os.path.join(root, name), ov, extra) for name, ov in todo]
         print("\n".join(cmds))
         return cmds
+    import jax
+
     from hh_jax import report
 
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "sweep.json"), "w") as f:
-        json.dump({"experiment": spec, "overrides": list(extra), "members": [
-            {"name": n, "overrides": ov} for n, ov in todo]}, f, indent=1, default=str)
+    if jax.process_index() == 0:
+        with open(os.path.join(root, "sweep.json"), "w") as f:
+            json.dump({"experiment": spec, "overrides": list(extra), "members": [
+                {"name": n, "overrides": ov} for n, ov in todo]}, f, indent=1, default=str)
+    # linking is a single-process shortcut: with several processes, every one must see the
+    # same stages complete at the same time, so each member runs all of its stages
+    link = jax.process_count() == 1
     done: dict[str, str] = {}
     for i, (name, ov) in enumerate(todo):
         member_dir = os.path.join(root, name)
         config = member_config(spec, ov, extra)
-        linked = _link_shared(config, member_dir, done) if "://" not in root else []
+        linked = _link_shared(config, member_dir, done) if link else []
         print(f"[sweep] member {i + 1}/{len(todo)} {name}: {ov}"
               + (f" (reusing {', '.join(linked)})" if linked else ""), flush=True)
         experiment.run(config, member_dir)
@@ -158,7 +164,7 @@ def fit_scaling(p, d, acc) -> dict:
     return out
 
 
-def _pm_stage(config: dict, member_dir: str) -> str | None:
+def _pm_stage(config: dict) -> str | None:
     from hh_jax import report
 
     stages = list(config.get("stages", []))
@@ -193,7 +199,7 @@ def collect(root: str) -> list[dict]:
     for name in member_dirs(root):
         member_dir = os.path.join(root, name)
         config = report.read_json(os.path.join(member_dir, "config.json"), {})
-        stage = _pm_stage(config, member_dir)
+        stage = _pm_stage(config)
         summary = report.read_json(os.path.join(member_dir, str(stage), "summary.json"))
         meta = report.read_json(os.path.join(member_dir, str(stage), "params", "meta.json"))
         row = {"member": name, "stage": stage, "complete": bool(summary and meta)}
@@ -250,7 +256,7 @@ def _scaling_plot(page, stage: str, group: list[dict], fit: dict) -> None:
             acc = np.asarray([r["acc"] for r in pts])
             ci = np.asarray([r["ci"] for r in pts]).reshape(-1, 2)
             label = f"{line_key}={value:,}" + (f" ({pts[0]['size']})" if line_key == "P" else "")
-            ax.errorbar(x, acc, yerr=[acc - ci[:, 0], ci[:, 1] - acc], fmt="o-", color=color,
+            ax.errorbar(x, acc, yerr=report.error_bars(acc, ci), fmt="o-", color=color,
                         capsize=3, label=label)
             if math.isfinite(fit["a"]):
                 xs = np.geomspace(x.min(), x.max(), 20) if len(x) > 1 else x

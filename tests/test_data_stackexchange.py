@@ -64,8 +64,8 @@ def test_hand_made_dump_ranked_and_binarized(tmp_path):
     assert first.attribution.startswith("coffee.stackexchange.com q/1 a/11 (user 8, score 5)")
     binary, _ = stackexchange.load_stackexchange(path, binarize=True)
     assert len(binary) == 12
-    assert (binary[0].chosen, binary[0].rejected) == (" GOOD: Medium.", " BAD: Medium.")
-    assert (binary[1].chosen, binary[1].rejected) == (" BAD: Fine", " GOOD: Fine")
+    assert (binary[0].chosen, binary[0].rejected) == (" Medium.\n\n[GOOD]", " Medium.\n\n[BAD]")
+    assert (binary[1].chosen, binary[1].rejected) == (" Fine\n\n[BAD]", " Fine\n\n[GOOD]")
 
 
 @pytest.mark.parametrize("row, line, reason", [

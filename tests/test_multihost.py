@@ -31,12 +31,11 @@ def _setup(mesh):
     near-zero gradients is not amplified into full steps, as Adam would."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     from hh_jax import pm, sharding, state
     from hh_jax.model import SIZES, ScalarHead, Transformer
 
-    model, opt = Transformer(SIZES["test"]), optax.sgd(0.1)
+    model, opt = Transformer(SIZES["test"]), _opt()
     head = ScalarHead(model.cfg.d_model, use_bias=False)
     boxed = lambda: {"backbone": model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)),  # noqa
                      "head": head.init(jax.random.key(1), jnp.zeros((2, model.cfg.d_model)))}
@@ -97,7 +96,7 @@ def worker(port: int, pid: int, out: str) -> None:
 def _opt():
     import optax
 
-    return optax.sgd(0.1)
+    return optax.sgd(0.01)
 
 
 def _free_port() -> int:
@@ -122,6 +121,7 @@ def test_two_processes_match_one_process(tmp_path, eight_devices):
                               text=True) for i in range(N_PROCS)]
     mesh = sharding.make_mesh((2, 2, 2), eight_devices)  # the single-process reference,
     st, st_sh, step, abstract = _setup(mesh)              # computed while the workers run
+    init_head = np.asarray(jax.device_get(st.params["head"]["params"]["kernel"]))
     st, m = _run_steps(st, step, _batch(), mesh)
     logs = []
     for p in procs:
@@ -133,9 +133,13 @@ def test_two_processes_match_one_process(tmp_path, eight_devices):
             raise
     assert all(p.returncode == 0 for p in procs), "\n---\n".join(logs)[-6000:]
     got = np.load(tmp_path / "result.npz")
-    print(f"loss: 2 processes {float(got['loss']):.7f}, 1 process {float(m['train/loss']):.7f}")
+    print(f"loss: 2 processes {float(got['loss']):.9g}, 1 process {float(m['train/loss']):.9g}")
     np.testing.assert_allclose(got["loss"], float(m["train/loss"]), rtol=1e-5)
     ref = jax.device_get(st.params)
+    assert not np.allclose(init_head, ref["head"]["params"]["kernel"])  # the steps did move
+    diffs = [np.abs(got[jax.tree_util.keystr(p)] - x).max() for p, x in
+             jax.tree_util.tree_leaves_with_path(ref)]
+    print(f"params: {len(diffs)} leaves, max |2 processes − 1 process| = {max(diffs):.3g}")
     leaves = jax.tree_util.tree_leaves_with_path(ref)
     assert len(leaves) == len(got.files) - 1
     for path, x in leaves:

@@ -72,8 +72,10 @@ def _workdir(root, with_rl=True, seed=0):
                                     "response": response, "score": score}) + "\n")
         metrics.write_summary(str(root / "ppo"), {"initial": evals[0], "final": evals[-1],
                                                   "evals": evals})
-        metrics.write_summary(str(root / "bon"), {"curve": [
-            {"n": n, "score": 0.1 * math.log(n)} for n in (1, 2, 4, 8, 16, 32, 64)]})
+        metrics.write_summary(str(root / "bon"), {"judge": "eval/score", "rows": [
+            {"n": n, "kl": math.log(n) - (n - 1) / n, "score": 0.1 * math.log(n),
+             "test_score": 0.08 * math.log(n), "ppo_test_score_at_same_kl": None}
+            for n in (1, 2, 4, 8, 16, 32, 64)]})  # hh_jax.bon's summary
     return reps
 
 
@@ -108,7 +110,8 @@ def test_report_is_self_contained_and_complete(tmp_path):
     assert "Before RLHF (π0): PM score -0.500" in md and "Mix flour, water..." in md
     assert "After RLHF (iteration 20): PM score 1.250" in page
     assert "&lt;b&gt;" in page  # sample text is escaped, not markup
-    assert "0.2773" in md  # best of 8: 0.1·ln 8 with 4 significant digits
+    assert "| 8 | 1.204 | 0.2079 | 0.1664 | None |" in md  # best of 8: log 8 − 7/8, 0.1·ln 8
+    assert "best of 64: train-PM score 0.4159, judge 0.3327" in md
 
 
 def test_rl_sections_appear_only_when_their_stages_exist(tmp_path):
@@ -116,6 +119,19 @@ def test_rl_sections_appear_only_when_their_stages_exist(tmp_path):
     page = open(report.write_report(str(tmp_path / "run"))).read()
     assert "Stage ppo" not in page and "Stage bon" not in page and "√KL" not in page
     assert len(_images(page)) == 5
+
+
+def test_perfect_and_zero_accuracy_render(tmp_path):
+    """At 6/6 the Wilson upper bound is 1 − 1e-16: error bars must not go negative."""
+    lo, hi = evaluate.wilson_interval(6, 6)
+    assert hi < 1.0  # the float effect this guards against
+    rep = evaluate.pm_report([1.0] * 6 + [0.0] * 3, [0.0] * 6 + [1.0] * 3, ["a"] * 6 + ["b"] * 3,
+                             [1] * 6 + [2] * 3, [5] * 9, [4] * 9)
+    assert rep["per_subset"]["a"]["accuracy"] == 1.0 and rep["per_turn"][2]["accuracy"] == 0.0
+    page = report.Page(str(tmp_path), "t")
+    report.pm_section(page, "pm", {"report": rep}, [])
+    assert page.n_figures == 1
+    np.testing.assert_array_equal(report.error_bars([1.0], [[lo, hi]])[1], [0.0])
 
 
 def test_sqrt_kl_fit_recovers_planted_line():
