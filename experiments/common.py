@@ -63,6 +63,7 @@ def pm_config(stage: str = "pm", **overrides) -> ConfigDict:
                              skip_invalid=True, half="")),  # half: "a"/"b" of the train split
         eval=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS, max_pairs=0)),
         max_len=512,
+        buckets=(),  # padded lengths a batch may take; () = powers of two from 64 to max_len
         batch_size=16,
         eval_batch_size=32,
         epochs=1,

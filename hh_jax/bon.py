@@ -16,9 +16,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from hh_jax import checkpoint, metrics, ppo, sharding
-from hh_jax.ppo_stage import Frozen, encode_prompts, load_prompts, sample_and_score
+from hh_jax.ppo_stage import encode_prompts, load_models, load_prompts, sample_and_score
 from hh_jax.sampling import SamplingConfig
-from hh_jax.tokenizer import load_tokenizer
 
 
 def best_of(train_PxN: np.ndarray, judge_PxN: np.ndarray, n: int) -> tuple[float, float]:
@@ -62,9 +61,7 @@ def _samples(cfg, policy, pm, test_pm, tok, prompts, mesh):
 def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     os.makedirs(stage_dir, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)
-    policy, pm = Frozen(cfg.policy_from, mesh, None), Frozen(cfg.pm_from, mesh, "pm")
-    test_pm = Frozen(cfg.test_pm_from, mesh, "pm") if cfg.test_pm_from else None
-    tok = load_tokenizer(checkpoint.tokenizer_spec(cfg.policy_from))
+    policy, pm, test_pm, tok = load_models(cfg, mesh)
     prompts = load_prompts(cfg.data, "heldout")[:cfg.eval_prompts]
     with sharding.activate(mesh):
         train_PxN, judge_PxN = _samples(cfg, policy, pm, test_pm, tok, prompts, mesh)

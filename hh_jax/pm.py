@@ -150,7 +150,8 @@ def _turns(context: str) -> int:
 def score_pairs(score_fn, params, comps, tok, cfg: ConfigDict, mesh) -> dict:
     """Scores every pair once (padding rows dropped); returns the evaluate.pm_report."""
     ds = loaders.pm_dataset(comps, tok, max_len=cfg.max_len, global_batch=cfg.eval_batch_size,
-                            seed=0, shuffle=False, drop_remainder=False)
+                            seed=0, shuffle=False, drop_remainder=False,
+                            buckets=tuple(cfg.get("buckets", ()) or ()) or None)
     rc, rr, w = [], [], []
     for batch in ds:
         c, r = score_fn(params, sharding.put_batch(
@@ -207,7 +208,8 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     for epoch in range(cfg.epochs):  # one fresh length-grouped order per epoch
         ordered += length_grouped(comps, lengths, cfg.batch_size, cfg.seed + epoch)
     ds = loaders.pm_dataset(ordered, tok, max_len=cfg.max_len, global_batch=cfg.batch_size,
-                            seed=cfg.seed, shuffle=False, drop_remainder=True)
+                            seed=cfg.seed, shuffle=False, drop_remainder=True,
+                            buckets=tuple(cfg.get("buckets", ()) or ()) or None)
     total_steps = len(comps) // cfg.batch_size * cfg.epochs
     held = heldout_pairs(cfg.eval)
     print(f"[{name}] {data_report['used']} training pairs ({data_report}), {total_steps} steps; "

@@ -59,6 +59,17 @@ class Frozen:
             path, checkpoint.abstract_with_shardings(abstract, self.shardings))
 
 
+def load_models(cfg: ConfigDict, mesh):
+    """(policy, train PM, test PM or None, tokenizer) of a ppo / bon stage config."""
+    policy, pm = Frozen(cfg.policy_from, mesh, None), Frozen(cfg.pm_from, mesh, "pm")
+    test_pm = Frozen(cfg.test_pm_from, mesh, "pm") if cfg.test_pm_from else None
+    for m, path in ((pm, cfg.pm_from), (test_pm, cfg.test_pm_from)):
+        if m is not None and m.cfg.vocab_size != policy.cfg.vocab_size:
+            raise ValueError(f"{path}: PM vocab {m.cfg.vocab_size} != policy vocab "
+                             f"{policy.cfg.vocab_size}; policy and PMs must share a tokenizer")
+    return policy, pm, test_pm, load_tokenizer(checkpoint.tokenizer_spec(cfg.policy_from))
+
+
 def value_params_from_pm(pm: Frozen, mode: str):
     """Value model = PM backbone + a head with a bias: the PM's head ("pm") or zeros."""
     kernel = pm.params["head"]["params"]["kernel"]
@@ -191,12 +202,7 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
 
     os.makedirs(stage_dir, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)
-    policy, pm = Frozen(cfg.policy_from, mesh, None), Frozen(cfg.pm_from, mesh, "pm")
-    test_pm = Frozen(cfg.test_pm_from, mesh, "pm") if cfg.test_pm_from else None
-    tok = load_tokenizer(checkpoint.tokenizer_spec(cfg.policy_from))
-    if pm.cfg.vocab_size != policy.cfg.vocab_size:
-        raise ValueError(f"{cfg.pm_from}: PM vocab {pm.cfg.vocab_size} != policy vocab "
-                         f"{policy.cfg.vocab_size}; policy and PM must share a tokenizer")
+    policy, pm, test_pm, tok = load_models(cfg, mesh)
     prompts = load_prompts(cfg.data, "train")
     ev_prompts = load_prompts(cfg.data, "heldout")[:cfg.eval_prompts]
     q = cfg.prompt_len

@@ -2,14 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from resume_helpers import ENV, assert_same_params, committed_steps, kill_after_checkpoint, run_cmd
 
 from hh_jax import checkpoint, experiment, lm, metrics
 
@@ -21,31 +19,13 @@ TINY = [f"--config.lm.{k}" for k in (
 
 
 def _cmd(workdir):
-    return [sys.executable, "-m", "hh_jax.main", "run", SMOKE + ":tiny", "--workdir",
-            str(workdir), *TINY]
-
-
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device, as a user's run
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def _params(workdir):
-    return jax.device_get(checkpoint.import_params(os.path.join(workdir, "lm", "params")))
-
-
-def _committed_steps(ckpt_dir):
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+    return run_cmd(SMOKE + ":tiny", workdir, *TINY)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    subprocess.run(_cmd(workdir), check=True, env=_env(), cwd=REPO, capture_output=True)
+    subprocess.run(_cmd(workdir), check=True, env=ENV, cwd=REPO, capture_output=True)
     return workdir
 
 
@@ -66,25 +46,13 @@ def test_stage_outputs_follow_the_metrics_contract(uninterrupted):
 
 
 def test_sigkill_mid_training_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
-    ckpt_dir = tmp_path / "lm" / "checkpoints"
-    proc = subprocess.Popen(_cmd(tmp_path), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not [s for s in _committed_steps(ckpt_dir) if s >= 4]:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(_committed_steps(ckpt_dir))
+    killed_at = kill_after_checkpoint(_cmd(tmp_path), tmp_path / "lm" / "checkpoints", 4)
     assert 4 <= killed_at < 8, f"killed too late (latest checkpoint {killed_at})"
     assert not (tmp_path / "lm" / "summary.json").exists()
-    resumed = subprocess.run(_cmd(tmp_path), check=True, env=_env(), cwd=REPO,
+    resumed = subprocess.run(_cmd(tmp_path), check=True, env=ENV, cwd=REPO,
                              capture_output=True, text=True)
     assert "resumed at step" in resumed.stdout
-    a, b = _params(uninterrupted), _params(tmp_path)
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
-                            strict=True):
-        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    assert_same_params(uninterrupted / "lm" / "params", tmp_path / "lm" / "params")
     sa = metrics.read_summary(uninterrupted / "lm")
     sb = metrics.read_summary(tmp_path / "lm")
     assert sa["eval/loss"] == sb["eval/loss"]
@@ -108,5 +76,5 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
     config = experiment.load_config(SMOKE + ":tiny", TINY)
     with pytest.raises(metrics.NonFiniteError, match="train/loss = nan at step 6"):
         experiment.run(config, str(tmp_path))
-    assert _committed_steps(tmp_path / "lm" / "checkpoints") == [2, 4]
+    assert committed_steps(tmp_path / "lm" / "checkpoints") == [2, 4]
     assert not (tmp_path / "lm" / "summary.json").exists()

@@ -4,10 +4,8 @@ import functools
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -15,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from resume_helpers import ENV, assert_same_params, kill_after_checkpoint, run_cmd
 
 from hh_jax import checkpoint, data, evaluate, experiment, metrics, pm, sharding, state
 from hh_jax.model import SIZES, ScalarHead, Transformer
@@ -155,27 +154,12 @@ def test_pm_stage_sigkill_resume_is_bitwise(tmp_path):
     exp = tmp_path / "exp.py"
     exp.write_text(EXPERIMENT.format(path=exp, tests=os.path.dirname(__file__),
                                      root=str(tmp_path / "data")))
-    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one device
-    cmd = lambda wd: [sys.executable, "-m", "hh_jax.main", "run", str(exp), "--workdir", wd]  # noqa
-    subprocess.run(cmd(str(tmp_path / "a")), check=True, env=env, capture_output=True)
-    ckpt = tmp_path / "b" / "pm" / "checkpoints"
-    proc = subprocess.Popen(cmd(str(tmp_path / "b")), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if ckpt.exists() else []
-        if any(s >= 4 for s in steps):
-            break
-        assert proc.poll() is None, "finished before the kill"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "b" / "pm" / "summary.json").exists()
-    subprocess.run(cmd(str(tmp_path / "b")), check=True, env=env, capture_output=True)
-    pa = jax.device_get(checkpoint.import_params(str(tmp_path / "a" / "pm" / "params")))
-    pb = jax.device_get(checkpoint.import_params(str(tmp_path / "b" / "pm" / "params")))
-    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
-        np.testing.assert_array_equal(x, y)
+    subprocess.run(run_cmd(str(exp), tmp_path / "a"), check=True, env=ENV, capture_output=True)
+    killed = kill_after_checkpoint(run_cmd(str(exp), tmp_path / "b"),
+                                   tmp_path / "b" / "pm" / "checkpoints", 4)
+    assert killed < 16 and not (tmp_path / "b" / "pm" / "summary.json").exists()
+    subprocess.run(run_cmd(str(exp), tmp_path / "b"), check=True, env=ENV, capture_output=True)
+    assert_same_params(tmp_path / "a" / "pm" / "params", tmp_path / "b" / "pm" / "params")
     sa, sb = (metrics.read_summary(tmp_path / w / "pm") for w in ("a", "b"))
     assert sa["eval/accuracy"] == sb["eval/accuracy"] and sa["report"] == sb["report"]
 

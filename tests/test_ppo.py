@@ -2,10 +2,8 @@
 
 import functools
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -14,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from ml_collections import ConfigDict
+from resume_helpers import ENV, assert_same_params, kill_after_checkpoint, run_cmd
 
 from hh_jax import checkpoint, losses, metrics, ppo, sampling, sharding, state
 from hh_jax.model import SIZES, ScalarHead, Transformer
@@ -219,26 +218,12 @@ def test_ppo_stage_sigkill_resume_is_bitwise(tmp_path):
     exp = tmp_path / "exp.py"
     exp.write_text(EXPERIMENT.format(path=exp, exp=os.path.join(REPO, "experiments"),
                                      policy=str(tmp_path / "lm"), pm=str(tmp_path / "pm")))
-    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one device
-    cmd = lambda wd: [sys.executable, "-m", "hh_jax.main", "run", str(exp), "--workdir", wd]  # noqa
-    subprocess.run(cmd(str(tmp_path / "a")), check=True, env=env, capture_output=True)
-    ckpt = tmp_path / "b" / "ppo" / "checkpoints"
-    proc = subprocess.Popen(cmd(str(tmp_path / "b")), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if ckpt.exists() and any(d.isdigit() and int(d) >= 2 for d in os.listdir(ckpt)):
-            break
-        assert proc.poll() is None, "finished before the kill"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "b" / "ppo" / "summary.json").exists()
-    subprocess.run(cmd(str(tmp_path / "b")), check=True, env=env, capture_output=True)
-    pa, pb = (jax.device_get(checkpoint.import_params(str(tmp_path / w / "ppo" / "params")))
-              for w in ("a", "b"))
-    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
-        np.testing.assert_array_equal(x, y)
+    subprocess.run(run_cmd(str(exp), tmp_path / "a"), check=True, env=ENV, capture_output=True)
+    killed = kill_after_checkpoint(run_cmd(str(exp), tmp_path / "b"),
+                                   tmp_path / "b" / "ppo" / "checkpoints", 2)
+    assert killed < 6 and not (tmp_path / "b" / "ppo" / "summary.json").exists()
+    subprocess.run(run_cmd(str(exp), tmp_path / "b"), check=True, env=ENV, capture_output=True)
+    assert_same_params(tmp_path / "a" / "ppo" / "params", tmp_path / "b" / "ppo" / "params")
     sa, sb = (metrics.read_summary(tmp_path / w / "ppo") for w in ("a", "b"))
     assert sa["evals"] == sb["evals"]
     rows = [r for r in map(eval_json, open(tmp_path / "b" / "ppo" / "metrics.jsonl"))
