@@ -166,7 +166,24 @@ def score_pairs(score_fn, params, comps, tok, cfg: ConfigDict, mesh) -> dict:
                               [len(c.chosen) for c in comps], [len(c.rejected) for c in comps])
 
 
+_PRETRAINED: dict = {}  # init_from spec → imported params, between config and loader
+
+
+def is_pretrained(spec: str) -> bool:
+    """A named pretrained model, a .gguf file or an HF checkpoint dir (hh_jax/convert.py)."""
+    from hh_jax import convert
+
+    return bool(spec) and (spec in convert.PRETRAINED or spec.endswith(".gguf") or
+                           os.path.exists(os.path.join(spec, "config.json")))
+
+
 def _model_and_tokenizer(cfg: ConfigDict):
+    if is_pretrained(cfg.get("init_from", "")):  # e.g. init_from="smollm2-135m"
+        from hh_jax import convert
+
+        mcfg, params, tok = convert.load_pretrained(cfg.init_from)
+        _PRETRAINED[cfg.init_from] = params  # host numpy, placed by _loader_from
+        return mcfg.replace(**dict(cfg.get("model_overrides", {}) or {})), tok, "pretrained"
     if cfg.get("init_from"):
         meta = checkpoint.read_meta(cfg.init_from)
         mcfg = ModelConfig(**meta["model"])
@@ -183,7 +200,11 @@ def _loader_from(init_stage: str | None, head_init, head_sh):
     def load(path, target):
         if init_stage in ("pm", "pmp"):
             return checkpoint.import_params(path, target)
-        backbone = checkpoint.import_params(path, target["backbone"])
+        if init_stage == "pretrained":
+            backbone = jax.tree_util.tree_map(lambda x, t: jax.device_put(x, t.sharding),
+                                              _PRETRAINED.pop(path), target["backbone"])
+        else:
+            backbone = checkpoint.import_params(path, target["backbone"])
         return {"backbone": backbone, "head": jax.jit(head_init, out_shardings=head_sh)()}
     return load
 
@@ -277,8 +298,12 @@ def _eval_metrics(report: dict) -> dict:
 def _finish(cfg, stage_dir, st, mcfg, report, data_report, n_held) -> dict:
     name = os.path.basename(os.path.normpath(stage_dir))
     export_dir = os.path.join(stage_dir, "params")
-    tok_name = (checkpoint.copy_tokenizer(cfg.init_from, export_dir) if cfg.get("init_from")
-                else cfg.tokenizer)
+    if is_pretrained(cfg.get("init_from", "")):
+        tok_name = cfg.init_from  # load_tokenizer resolves the name / file again
+    elif cfg.get("init_from"):
+        tok_name = checkpoint.copy_tokenizer(cfg.init_from, export_dir)
+    else:
+        tok_name = cfg.tokenizer
     checkpoint.export_params(export_dir, st.params, {
         "stage": cfg.stage, "step": int(st.step), "model": dataclasses.asdict(mcfg),
         "tokenizer": tok_name, "scores": report["scores"], "max_len": cfg.max_len})

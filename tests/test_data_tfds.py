@@ -91,6 +91,6 @@ def test_stackexchange_builder(tmp_path):
     records = [tfds_builders.comparison_from_record(r)
                for name in builder.info.splits for r in builder.as_data_source(split=name)]
     assert sorted((c.chosen, c.rejected) for c in records) == [
-        (" BAD: Black", " GOOD: Black"), (" GOOD: Green", " BAD: Green")]
+        (" Black\n\n[BAD]", " Black\n\n[GOOD]"), (" Green\n\n[GOOD]", " Green\n\n[BAD]")]
     assert all(c.attribution.startswith("tea.stackexchange.com q/1") for c in records)
     assert builder.info.metadata["report"]["total"]["extra"]["pairs_diff_pmp_score"] == 1
