@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 WORKDIR="${WORKDIR:-runs/smoke}"
 .venv/bin/hh-jax run experiments/smoke.py --workdir "$WORKDIR" "$@"
-.venv/bin/hh-jax sample --params "$WORKDIR/lm/params" --prompt "How do I make a good cup of coffee?"
+.venv/bin/hh-jax sample --params "$WORKDIR/ppo/params" --prompt "How do I make a good cup of coffee?"

@@ -13,9 +13,11 @@ from hh_jax import checkpoint, experiment, lm, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "experiments", "smoke.py")
+# one subset (1,137 rows) keeps data loading short; the LM stage is what is under test
 TINY = [f"--config.lm.{k}" for k in (
     "tokenizer.kind=byte", "steps=8", "ckpt_every=2", "log_every=2", "eval_every=4",
-    "batch_size=8", "seq_len=32", "eval_tokens=512")]
+    "batch_size=8", "seq_len=32", "eval_tokens=512", "data.subsets=('helpful-online',)")
+] + ["--config.stages=('lm',)"]  # the smoke lists every stage; only the LM is under test
 
 
 def _cmd(workdir):
