@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import FAST_COMPILE, jit, random_params  # noqa: F401
 
 from hh_jax.model import SIZES, Transformer
 from hh_jax.sampling import SamplingConfig, filter_logits, left_align, pad_prompts, sample
@@ -18,25 +18,7 @@ PAD = 0
 R = 8  # new tokens
 Q = 8  # prompt slots
 PROMPTS = [[5, 9, 100], [7, 8, 9, 10, 11, 12, 13], [300, 42, 17, 200, 301]]
-# These tests check semantics, not speed: cheaper CPU codegen cuts compile time ~3x.
-FAST_COMPILE = ({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-                if jax.default_backend() == "cpu" else None)
-jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-
-
-def _random_params(cfg, seed=0):
-    """Random params of the model's shapes, drawn in numpy (no compile)."""
-    abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
-                              jnp.zeros((1, 1), jnp.int32))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        if getattr(path[-1], "key", None) == "scale":
-            return jnp.asarray(1.0 + 0.3 * rng.normal(size=x.shape), x.dtype)
-        fan_in = cfg.d_ff if "down" in jax.tree_util.keystr(path) else cfg.d_model
-        return jnp.asarray(rng.normal(size=x.shape) / np.sqrt(fan_in), x.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract))
+_random_params = random_params
 
 
 class CountingModel:
