@@ -3,12 +3,15 @@
     python bench/pm_step.py [--steps 20] [--batch 16] [--max-len 512]
 
 Shape: the anchor of issue 5 (4 layers, d 256, 4 heads / 2 KV heads, ffw 1024, vocab 8192,
-≤ 512 tokens, float32). Batches come from hh_jax's PM loader over the HH train split with
-length-grouped order (pm.length_grouped) and the loader's length buckets; the reference is a
-plain-JAX PM step (bench/reference.py: same architecture, hand-written Adam) on the SAME
-padded batches, timed in the same run. Printed: real tokens/s of both, the ratio, the
-padding waste, and the ratio to TRL RewardTrainer's recorded anchor (1,846 real tokens/s,
-TRL 1.16 / PyTorch 2.13 CPU on this kind of 2-core machine; recorded, not rerun here).
+≤ 512 tokens, float32). Batches come from hh_jax's PM loader over the HH train split in
+length-grouped order (pm.length_grouped), the same pairs in the same order in both pair
+layouts: "shared" (the stage default: one row per pair, context run once) and "separate"
+(chosen and rejected as two rows). The reference is a plain-JAX PM step (bench/reference.py:
+same architecture, full-mask attention, hand-written Adam) on the SAME separate batches,
+timed in the same run. Printed: real tokens/s (context + response, counted for each
+response, as TRL counts them), row tokens run per real token, the ratios to the reference,
+and to TRL RewardTrainer's recorded anchor (1,846 real tokens/s, TRL 1.16 / PyTorch 2.13
+CPU on this kind of 2-core machine; recorded, not rerun here).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from hh_jax.tokenizer import SentencePieceTokenizer  # noqa: E402
 TRL_ANCHOR = 1846.0
 
 
-def batches(n, batch, max_len, vocab, workdir):
+def batches(n, batch, max_len, vocab, workdir, layout):
     comps, _ = data.load_hh_comparisons(os.path.join(os.path.dirname(__file__), "..", "data",
                                                      "hh-rlhf"), skip_invalid=True)
     train = data.select_split(comps, "train")
@@ -44,10 +47,10 @@ def batches(n, batch, max_len, vocab, workdir):
     tok = (SentencePieceTokenizer(tok_path) if os.path.exists(tok_path) else
            SentencePieceTokenizer.train([c.context + c.chosen for c in train],
                                         tok_path[:-len(".model")], vocab))
-    lengths = np.asarray([len(c.context) + max(len(c.chosen), len(c.rejected)) for c in train])
+    lengths = pm.pair_row_lengths(train, tok, max_len, "shared")  # one order for both layouts
     ordered = pm.length_grouped(train, lengths, batch, seed=0)
     ds = loaders.pm_dataset(ordered, tok, max_len=max_len, global_batch=batch, seed=0,
-                            shuffle=False)
+                            shuffle=False, layout=layout)
     out = []
     for b in ds:
         out.append({k: v for k, v in b.items() if v.dtype != object})
@@ -76,8 +79,12 @@ def ref_adam_step(p, m, v, t, b, cfg, lr=1e-4):
     return p, m, v, t, loss
 
 
+def shape_of(b):
+    return tuple(v.shape for k, v in sorted(b.items()) if k.endswith("_BxL"))
+
+
 def run(fn, bs):
-    for b in bs[:3]:  # compile every bucket shape seen first
+    for b in {shape_of(b): b for b in bs}.values():  # compile every bucket shape first
         jax.block_until_ready(fn(b))
     t0 = time.perf_counter()
     for b in bs:
@@ -86,20 +93,7 @@ def run(fn, bs):
     return time.perf_counter() - t0
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--workdir", default="/tmp/hh_jax_bench")
-    a = ap.parse_args()
-    os.makedirs(a.workdir, exist_ok=True)
-    cfg = SIZES["6M"].replace(vocab_size=a.vocab, max_len=a.max_len)
-    bs = batches(a.steps, a.batch, a.max_len, a.vocab, a.workdir)
-    real = sum(float(b["chosen_len_B"].sum() + b["rejected_len_B"].sum()) for b in bs)
-    padded = sum(2 * b["chosen_tokens_BxL"].size for b in bs)
-    mesh = sharding.make_mesh((-1, 1, 1))
+def our_step(cfg, mesh):
     model, head = Transformer(cfg), ScalarHead(cfg.d_model, use_bias=False)
     opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
     boxed = lambda: {"backbone": model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)),  # noqa
@@ -115,7 +109,31 @@ def main():
         with sharding.activate(mesh):
             holder["st"], m = step(holder["st"], sharding.put_batch(b, mesh))
         return m["train/loss"]
+    return ours
 
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--workdir", default="/tmp/hh_jax_bench")
+    a = ap.parse_args()
+    os.makedirs(a.workdir, exist_ok=True)
+    cfg = SIZES["6M"].replace(vocab_size=a.vocab, max_len=a.max_len)
+    mesh = sharding.make_mesh((-1, 1, 1))
+    runs = {}
+    for layout in ("shared", "separate"):  # the same pairs in the same order, both layouts
+        bs = batches(a.steps, a.batch, a.max_len, a.vocab, a.workdir, layout)
+        real = sum(float(b["chosen_len_B"].sum() + b["rejected_len_B"].sum()) for b in bs)
+        rows = sum(b["pair_tokens_BxL" if layout == "shared" else "chosen_tokens_BxL"].size
+                   * (1 if layout == "shared" else 2) for b in bs)
+        ran = (sum(float((b["pair_branch_BxL"] > 0).sum()) for b in bs) if layout == "shared"
+               else real)
+        ours = our_step(cfg, mesh)
+        runs[layout] = dict(real=real, rows=rows, ran=ran, bs=bs,
+                            t=min(run(ours, bs), run(ours, bs)))
     rp = {**ref_init(cfg, jax.random.key(0)), "head": jnp.zeros((cfg.d_model,))}
     zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, rp)  # noqa: E731
     rh = {"s": (rp, zeros(), zeros(), jnp.zeros(()))}
@@ -126,16 +144,26 @@ def main():
         rh["s"] = (p, m, v, t)
         return loss
 
-    t_ours, t_ref = min(run(ours, bs), run(ours, bs)), min(run(ref, bs), run(ref, bs))
+    sep = runs["separate"]
+    t_ref = min(run(ref, sep["bs"]), run(ref, sep["bs"]))
     print(f"machine: {os.cpu_count()} cpus, jax {jax.__version__}; {a.steps} batches of "
-          f"{a.batch} HH train pairs, ≤{a.max_len} tokens, vocab {a.vocab}")
-    print(f"padding: {real / padded:.1%} of the padded tokens are real "
-          f"({1 - real / padded:.0%} waste; TRL pads to the batch maximum: 54% waste)")
-    for name, t in (("hh_jax PM step", t_ours), ("plain-JAX reference", t_ref)):
-        print(f"{name:>20}: {real / t:9.0f} real tokens/s  ({t / a.steps * 1e3:.0f} ms/step)")
-    print(f"ratio hh_jax / reference: {t_ref / t_ours:.3f}")
-    print(f"ratio hh_jax / TRL anchor ({TRL_ANCHOR:.0f} real tokens/s): "
-          f"{real / t_ours / TRL_ANCHOR:.2f}")
+          f"{a.batch} HH train pairs (length-grouped), ≤{a.max_len} tokens a response's view, "
+          f"vocab {a.vocab}; real tokens = context + response, counted for each response "
+          f"(TRL's count)")
+    for layout, r in runs.items():
+        print(f"layout {layout:>8}: {r['ran'] / r['rows']:.1%} of the padded row tokens are "
+              f"real; the model runs {r['rows'] / r['real']:.2f} row tokens per real token "
+              f"(TRL: 2.17)")
+    rows = (("hh_jax PM step, shared", runs["shared"]["t"], runs["shared"]["real"]),
+            ("hh_jax PM step, separate", sep["t"], sep["real"]),
+            ("plain-JAX reference, separate", t_ref, sep["real"]))
+    for name, t, real in rows:
+        print(f"{name:>30}: {real / t:9.0f} real tokens/s  ({t / a.steps * 1e3:.0f} ms/step)")
+    print(f"ratio hh_jax / reference, same separate batches: {t_ref / sep['t']:.3f}")
+    print(f"ratio hh_jax (shared) / reference: "
+          f"{runs['shared']['real'] / runs['shared']['t'] / (sep['real'] / t_ref):.3f}")
+    print(f"ratio hh_jax (shared) / TRL anchor ({TRL_ANCHOR:.0f} real tokens/s): "
+          f"{runs['shared']['real'] / runs['shared']['t'] / TRL_ANCHOR:.2f}")
 
 
 if __name__ == "__main__":

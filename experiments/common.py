@@ -63,7 +63,10 @@ def pm_config(stage: str = "pm", **overrides) -> ConfigDict:
                              skip_invalid=True, half="")),  # half: "a"/"b" of the train split
         eval=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS, max_pairs=0)),
         max_len=512,
-        buckets=(),  # padded lengths a batch may take; () = powers of two from 64 to max_len
+        # "shared": one row per pair, the context run once for both responses (≈1.5× fewer
+        # tokens on HH); "separate": chosen and rejected as two rows (the textbook layout)
+        pair_layout="shared",
+        buckets=(),  # padded row lengths; () = multiples of 64 up to the longest row
         batch_size=16,
         eval_batch_size=32,
         epochs=1,
@@ -109,7 +112,7 @@ def ppo_config(**overrides) -> ConfigDict:
         ppo=ConfigDict(dict(kl_coef=0.001, kl_target=None, kl_horizon=10_000, clip=0.2,
                             value_clip=0.2, gamma=1.0, lam=0.95, epochs=1, minibatches=1,
                             value_coef=1.0, whiten_advantages=True, missing_eos_score=None,
-                            temperature=1.0)),
+                            temperature=1.0, reuse_sampler_logprobs=True)),
         optim=optim_config(lr=3e-5, warmup_steps=0, schedule="constant"),
     ))
     c.update(overrides)

@@ -31,7 +31,7 @@ def get_config(arg: str = "") -> ConfigDict:
     c.pm_test = pm_config("pm", max_len=128)
     c.pm_test.data.half, c.pm_test.data.fraction = "b", 0.1
     for stage in (c.pmp, c.pm, c.pm_test):
-        stage.eval.max_pairs, stage.buckets = 128, (128,)  # one shape: one compile
+        stage.eval.max_pairs, stage.buckets = 128, (128, 256)  # shared rows: ≤ 2 × 128
     c.ppo = ppo_config(policy_from="{workdir}/distill/params",
                        test_pm_from="{workdir}/pm_test/params", iterations=16,
                        eval_prompts=32, eval_every=4)
@@ -52,7 +52,7 @@ def get_config(arg: str = "") -> ConfigDict:
         c.bon.ns, c.bon.eval_prompts, c.bon.prompt_len, c.bon.response_len = (1, 2, 4), 8, 32, 8
         for stage in (c.pmp, c.pm, c.pm_test):
             stage.max_len, stage.batch_size, stage.eval_batch_size = 64, 8, 16
-            stage.buckets = (64,)
+            stage.buckets = (128,)
             stage.data.fraction, stage.eval.max_pairs, stage.ckpt_every = 0.02, 32, 4
             stage.log_every = 4
     elif arg:

@@ -154,16 +154,12 @@ class _PackIterator(grain.DatasetIterator):
             self._doc, self._offset = next(self._parent)["tokens"], state["offset"]
 
 
-def length_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
-    """Padded lengths a PM batch may take: powers of two from `smallest`, then max_len.
-
-    Few distinct shapes bound recompilation while short batches stay short.
+def length_buckets(max_len: int, step: int = 64) -> tuple[int, ...]:
+    """Padded lengths a PM batch may take: every multiple of `step` below max_len, then
+    max_len. With length-grouped batches (pm.length_grouped) a batch wastes less than
+    `step` tokens a row; each length compiles once (max_len / step shapes).
     """
-    out, n = [], smallest
-    while n < max_len:
-        out.append(n)
-        n *= 2
-    return (*out, max_len)
+    return (*range(step, max_len, step), max_len)
 
 
 def pm_tokens(text: str, tokenizer: Tokenizer, max_len: int) -> tuple[np.ndarray, bool]:
@@ -193,6 +189,62 @@ def count_truncations(comparisons: Sequence[Comparison], tokenizer: Tokenizer, m
     return out
 
 
+def pm_shared_example(comp: Comparison, tokenizer: Tokenizer, max_len: int,
+                      weight: float = 1.0) -> dict:
+    """One row holding `context`, then `chosen + EOC`, then `rejected + EOC` (the layout
+    "shared"): the context is run once, each response sees it (branch ids 1 / 2 / 3) but not
+    the other response, and both responses continue the context's positions.
+
+    Token for token the two sequences of `pm_example` when nothing is cut. Cutting keeps one
+    context for both: its last `max_len − the longer response` tokens (so each response
+    sees at most max_len tokens, and both see the same context); a response longer than
+    max_len alone keeps its last max_len tokens and no context.
+    """
+    ctx = tokenizer.encode(comp.context)
+    parts, cut = {}, {}
+    for side in ("chosen", "rejected"):
+        response = getattr(comp, side)
+        full = tokenizer.encode(comp.context + response)
+        # tokenizers that merge across the context/response boundary: encode the response alone
+        ids = full[len(ctx):] if full[:len(ctx)] == ctx else tokenizer.encode(response)
+        ids = ids + [tokenizer.eoc_id]
+        parts[side], cut[side] = ids[-max_len:], len(ids) > max_len
+    keep = max(0, max_len - max(len(parts["chosen"]), len(parts["rejected"])))
+    kept_ctx = ctx[len(ctx) - min(keep, len(ctx)):]
+    c, rc, rr = len(kept_ctx), len(parts["chosen"]), len(parts["rejected"])
+    return {"tokens": np.asarray(kept_ctx + parts["chosen"] + parts["rejected"], np.int32),
+            "positions": np.concatenate([np.arange(c), c + np.arange(rc), c + np.arange(rr)]
+                                        ).astype(np.int32),
+            "branch": np.repeat(np.asarray([1, 2, 3], np.int8), [c, rc, rr]),
+            "chosen_len": c + rc, "rejected_len": c + rr,
+            "chosen_truncated": cut["chosen"] or c < len(ctx),
+            "rejected_truncated": cut["rejected"] or c < len(ctx),
+            "weight": weight, "subset": comp.subset}
+
+
+def _pm_shared_batch(rows: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict:
+    longest = max(len(r["tokens"]) for r in rows)
+    length = next(b for b in buckets if b >= longest)
+    out = {"pair_tokens_BxL": np.full((len(rows), length), pad_id, np.int32),
+           "pair_positions_BxL": np.zeros((len(rows), length), np.int32),
+           "pair_branch_BxL": np.zeros((len(rows), length), np.int8)}  # 0: padding
+    for i, r in enumerate(rows):
+        n = len(r["tokens"])
+        out["pair_tokens_BxL"][i, :n] = r["tokens"]
+        out["pair_positions_BxL"][i, :n] = r["positions"]
+        out["pair_branch_BxL"][i, :n] = r["branch"]
+    for side in ("chosen", "rejected"):
+        out[f"{side}_len_B"] = np.asarray([r[f"{side}_len"] for r in rows], np.int32)
+        out[f"{side}_truncated_B"] = np.asarray([r[f"{side}_truncated"] for r in rows], bool)
+    # the EOC of each response: chosen ends its own part, rejected ends the row
+    rc = np.asarray([r["chosen_len"] for r in rows], np.int32)
+    out["chosen_index_B"] = rc - 1
+    out["rejected_index_B"] = np.asarray([len(r["tokens"]) - 1 for r in rows], np.int32)
+    out["weight_B"] = np.asarray([r["weight"] for r in rows], np.float32)
+    out["subset_B"] = np.asarray([r["subset"] for r in rows], dtype=object)
+    return out
+
+
 def _pm_batch(rows: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict:
     longest = max(max(len(r["chosen"]), len(r["rejected"])) for r in rows)
     length = next(b for b in buckets if b >= longest)
@@ -213,20 +265,30 @@ def pm_dataset(comparisons: Sequence[Comparison], tokenizer: Tokenizer, *, max_l
                global_batch: int, seed: int, num_epochs: int | None = 1, shuffle: bool = True,
                drop_remainder: bool = True, buckets: Sequence[int] | None = None,
                process_index: int | None = None, process_count: int | None = None,
-               num_threads: int = 2) -> grain.IterDataset:
+               num_threads: int = 2, layout: str = "separate") -> grain.IterDataset:
     """PM pair batches, right-padded per batch to the smallest bucket that fits.
 
-    Yields `chosen_tokens_BxL` / `rejected_tokens_BxL` (int32, pad_id after the EOC),
-    `chosen_len_B` / `rejected_len_B` (EOC index + 1), `*_truncated_B` (bool), `weight_B`
-    (float32, 0 on padding rows) and `subset_B` (object array of subset names, host-only).
+    layout "shared" (`pm_shared_example`): one row per pair, context once, yielding
+    `pair_tokens_BxL` / `pair_positions_BxL` / `pair_branch_BxL` (int8: 1 context,
+    2 chosen, 3 rejected, 0 padding), `chosen_index_B` / `rejected_index_B` (each EOC),
+    `chosen_len_B` / `rejected_len_B` (tokens each response sees), `*_truncated_B`,
+    `weight_B`, `subset_B`; buckets default to `length_buckets(2 · max_len)`.
+    layout "separate" yields `chosen_tokens_BxL` / `rejected_tokens_BxL` (int32, pad_id
+    after the EOC), `chosen_len_B` / `rejected_len_B` (EOC index + 1), `*_truncated_B`
+    (bool), `weight_B` (float32, 0 on padding rows) and `subset_B` (object array of subset
+    names, host-only).
     `drop_remainder=False` (evaluation) pads the data to whole global batches with
     weight-0 copies, so every example is seen once and every host runs as many steps.
     """
     pi, pc = _process(process_index, process_count)
     local = _local_batch(global_batch, pc)
-    buckets = tuple(buckets or length_buckets(max_len))
-    if buckets[-1] < max_len:
-        raise ValueError(f"the largest bucket {buckets[-1]} is below max_len {max_len}")
+    if layout not in ("separate", "shared"):
+        raise ValueError(f"layout must be 'separate' or 'shared', got {layout!r}")
+    row_len = max_len if layout == "separate" else 2 * max_len
+    buckets = tuple(buckets or length_buckets(row_len))
+    if buckets[-1] < row_len:
+        raise ValueError(f"the largest bucket {buckets[-1]} is below the longest row "
+                         f"{row_len} (layout {layout!r}, max_len {max_len})")
     ds = grain.MapDataset.source(comparisons).map(lambda c: (c, 1.0))
     if shuffle:
         ds = ds.shuffle(seed)
@@ -241,10 +303,12 @@ def pm_dataset(comparisons: Sequence[Comparison], tokenizer: Tokenizer, *, max_l
         elif whole < len(ds):
             pad = ds[:1].repeat(global_batch - (len(ds) - whole)).map(lambda x: (x[0], 0.0))
             ds = grain.MapDataset.concatenate([ds, pad])
-    ds = ds[pi::pc].map(lambda x: pm_example(x[0], tokenizer, max_len, x[1]))
+    example, collate = ((pm_example, _pm_batch) if layout == "separate" else
+                        (pm_shared_example, _pm_shared_batch))
+    ds = ds[pi::pc].map(lambda x: example(x[0], tokenizer, max_len, x[1]))
     ds = ds.to_iter_dataset(_read_options(num_threads))
     return ds.batch(local, drop_remainder=drop_remainder,
-                    batch_fn=lambda rows: _pm_batch(rows, buckets, tokenizer.pad_id))
+                    batch_fn=lambda rows: collate(rows, buckets, tokenizer.pad_id))
 
 
 def to_global(batch: dict, mesh, data_axes: Sequence[str] = DATA_AXES, pad_id: int = 0) -> dict:

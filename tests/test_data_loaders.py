@@ -98,8 +98,56 @@ def test_truncation_counts_and_buckets():
         cut = [len(_ref_tokens(c.context + r)) + 1 > 40 for r in (c.chosen, c.rejected)]
         want.update(chosen=cut[0], rejected=cut[1], pairs=any(cut))
     assert loaders.count_truncations(comps, TOK, 40) == want
-    assert loaders.length_buckets(1024) == (64, 128, 256, 512, 1024)
+    assert loaders.length_buckets(256) == (64, 128, 192, 256)
     assert loaders.length_buckets(100) == (64, 100)
+    assert loaders.length_buckets(100, step=32) == (32, 64, 96, 100)
+
+
+@pytest.mark.parametrize("max_len", [512, 40, 12])
+def test_shared_layout_rebuilds_each_response_view(max_len):
+    """Each response's view of a shared row (context + its own branch, positions from the
+    row) is the separate layout's sequence when nothing is cut; when something is cut both
+    responses keep the same context tail and neither sees more than max_len tokens."""
+    comps = _comps(30, seed=3)
+    for c in comps:
+        ex = loaders.pm_shared_example(c, TOK, max_len)
+        tokens, pos, branch = ex["tokens"], ex["positions"], ex["branch"]
+        ctx_ref = _ref_tokens(c.context)
+        n_ctx = int((branch == 1).sum())
+        assert (branch[:n_ctx] == 1).all()  # the context comes first: its last n_ctx tokens
+        assert tokens[:n_ctx].tolist() == ctx_ref[len(ctx_ref) - n_ctx:]
+        views = {}
+        for side, br in (("chosen", 2), ("rejected", 3)):
+            view = (branch == 1) | (branch == br)
+            views[side] = tokens[view].tolist()
+            assert pos[view].tolist() == list(range(view.sum()))  # contiguous positions
+            assert len(views[side]) <= max_len
+            full = _ref_tokens(c.context + getattr(c, side)) + [TOK.eoc_id]
+            assert views[side] == full[len(full) - len(views[side]):]  # a suffix of it
+            assert ex[f"{side}_len"] == len(views[side])
+            assert ex[f"{side}_truncated"] == (len(views[side]) < len(full))
+            if len(full) <= max_len and n_ctx == len(ctx_ref):
+                assert views[side] == loaders.pm_example(c, TOK, max_len)[side].tolist()
+        longer = max(len(_ref_tokens(getattr(c, s))) + 1 for s in ("chosen", "rejected"))
+        assert n_ctx == min(len(ctx_ref), max(0, max_len - longer))
+
+
+def test_shared_layout_batches():
+    comps = _comps(12, seed=4)
+    batch = next(iter(loaders.pm_dataset(comps, TOK, max_len=48, global_batch=4, seed=0,
+                                         shuffle=False, layout="shared")))
+    assert batch["pair_tokens_BxL"].shape[1] in loaders.length_buckets(96)
+    for i, c in enumerate(comps[:4]):
+        ex = loaders.pm_shared_example(c, TOK, 48)
+        n = len(ex["tokens"])
+        assert batch["pair_tokens_BxL"][i, :n].tolist() == ex["tokens"].tolist()
+        assert (batch["pair_branch_BxL"][i, n:] == 0).all()  # padding: branch 0
+        assert batch["chosen_index_B"][i] == ex["chosen_len"] - 1
+        assert batch["rejected_index_B"][i] == n - 1
+        assert batch["pair_tokens_BxL"][i, batch["chosen_index_B"][i]] == TOK.eoc_id
+        assert batch["pair_tokens_BxL"][i, n - 1] == TOK.eoc_id
+    with pytest.raises(ValueError, match="layout"):
+        loaders.pm_dataset(comps, TOK, max_len=48, global_batch=4, seed=0, layout="packed")
 
 
 @pytest.mark.parametrize("pc", [1, 2])

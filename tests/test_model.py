@@ -17,6 +17,7 @@ from hh_jax.model import (
     ScalarHead,
     Transformer,
     attention_mask,
+    chunked_causal_attention,
     count_params,
     gather_at,
     init_cache,
@@ -164,6 +165,50 @@ def test_attention_mask_against_loops():
             for j in range(s):
                 want = j <= q_pos[i] and valid[bi, j] and qseg[bi, i] == kseg[bi, j]
                 assert got[bi, 0, i, j] == want
+
+
+def test_attention_mask_branches_against_loops():
+    rng = np.random.default_rng(5)
+    b, length = 3, 7
+    valid = rng.random((b, length)) < 0.8
+    branch = rng.integers(1, 4, (b, length))
+    got = np.asarray(attention_mask(jnp.arange(length), jnp.asarray(valid),
+                                    q_branch_BxL=jnp.asarray(branch),
+                                    kv_branch_BxS=jnp.asarray(branch)))
+    for bi in range(b):
+        for i in range(length):
+            for j in range(length):  # the context (branch 1) is everyone's; branches are private
+                want = (j <= i and valid[bi, j]
+                        and (branch[bi, j] == 1 or branch[bi, j] == branch[bi, i]))
+                assert got[bi, 0, i, j] == want
+
+
+@pytest.mark.parametrize("length, chunk", [(300, 128), (256, 64), (40, 128)])
+def test_chunked_attention_matches_full_mask_attention(length, chunk):
+    """Values and gradients against jax.nn.dot_product_attention over the full mask."""
+    rng = np.random.default_rng(length)
+    b, h, g, k = 2, 4, 2, 8
+    q, kk, v = (jnp.asarray(rng.normal(size=(b, length, n, k)), jnp.float32)
+                for n in (h, g, g))
+    valid = np.ones((b, length), bool)
+    valid[1, length // 2:] = False  # right padding
+    branch = np.ones((b, length), np.int32)
+    branch[0, length // 3: 2 * length // 3], branch[0, 2 * length // 3:] = 2, 3
+    mask = attention_mask(jnp.arange(length), jnp.asarray(valid), q_branch_BxL=branch,
+                          kv_branch_BxS=branch)
+    w = jnp.asarray(rng.normal(size=(b, length, h, k)), jnp.float32) * valid[:, :, None, None]
+
+    def loss(fn, q, kk, v):
+        return (fn(q, kk, v) * w).sum()
+
+    full = functools.partial(jax.nn.dot_product_attention, mask=mask, implementation="xla")
+    ours = functools.partial(chunked_causal_attention, mask_Bx1xLxL=mask, chunk=chunk)
+    np.testing.assert_allclose(ours(q, kk, v) * valid[:, :, None, None],
+                               full(q, kk, v) * valid[:, :, None, None], atol=1e-5, rtol=1e-5)
+    g_ours = jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2))(q, kk, v)
+    g_full = jax.grad(functools.partial(loss, full), argnums=(0, 1, 2))(q, kk, v)
+    for a, b_ in zip(g_ours, g_full, strict=True):
+        np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-4)
 
 
 def test_causality(test_model, apply_fn):
@@ -330,3 +375,27 @@ def test_hidden_only_mode_matches_full_forward(test_model, apply_fn):
     assert hidden_only["logits_BxLxV"] is None
     np.testing.assert_allclose(hidden_only["hidden_BxLxD"], full["hidden_BxLxD"], atol=1e-6,
                                rtol=1e-6)
+
+
+def test_read_index_runs_last_layer_for_read_tokens_only(test_model):
+    """`read_index_BxQ` (a PM's read-out) against gathering the full forward's hidden
+    states: values and parameter gradients."""
+    model, params = test_model
+    tokens, mask = _tokens(3, 40, seed=9), np.arange(40)[None] < np.array([[40], [30], [20]])
+    idx = jnp.asarray([[39, 10], [29, 5], [19, 0]])
+
+    def read(p):
+        return model.apply(p, tokens, mask_BxL=mask, with_logits=False,
+                           read_index_BxQ=idx)["hidden_BxQxD"]
+
+    def full(p):
+        hidden = model.apply(p, tokens, mask_BxL=mask, with_logits=False)["hidden_BxLxD"]
+        return jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
+
+    np.testing.assert_allclose(read(params), full(params), atol=1e-5, rtol=1e-5)
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, CFG.d_model)), jnp.float32)
+    g_read = jax.grad(lambda p: (read(p) * w).sum())(params)
+    g_full = jax.grad(lambda p: (full(p) * w).sum())(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g_read), jax.tree_util.tree_leaves(g_full),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)

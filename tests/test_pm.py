@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from ml_collections import ConfigDict
 from resume_helpers import ENV, assert_same_params, kill_after_checkpoint, run_cmd
 
-from hh_jax import checkpoint, data, evaluate, experiment, metrics, pm, sharding, state
+from hh_jax import checkpoint, data, evaluate, experiment, loaders, metrics, pm, sharding, state
 from hh_jax.model import SIZES, ScalarHead, Transformer
+from hh_jax.tokenizer import ByteTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,16 +102,46 @@ def _pm_state(mesh, model, opt):
     return state.init_state(state.init_params(boxed, mesh)[0], opt, st_sh), st_sh
 
 
-def test_pm_step_sharded_equals_single_device(eight_devices):
+def _loader_batch(layout, n=8, max_len=200, seed=0):
+    """One batch of n synthetic pairs (byte tokens) in the given layout, numeric keys only."""
+    rng = np.random.default_rng(seed)
+    comps = [data.Comparison(
+        subset="helpful-base", context=f"\n\nHuman: question {i} " + "x" * rng.integers(0, 60)
+        + "\n\nAssistant:", chosen=" yes " + "y" * rng.integers(0, 30),
+        rejected=" no " + "n" * rng.integers(0, 30), first_human=f"q{i}", source="t", line=i,
+        split="train") for i in range(n)]
+    batch = next(iter(loaders.pm_dataset(comps, ByteTokenizer(), max_len=max_len, global_batch=n,
+                                         seed=0, shuffle=False, layout=layout)))
+    return {k: v for k, v in batch.items() if v.dtype != object}
+
+
+def test_shared_layout_scores_loss_and_grads_equal_separate():
+    """The shared row (context once, branch mask, continued positions) against the textbook
+    two-sequence layout on the same pairs: scores, BT + LM loss and gradients."""
+    model = Transformer(SIZES["test"].replace(attention_chunk=32))
+    head = ScalarHead(model.cfg.d_model, use_bias=False)
+    params = {"backbone": model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)),
+              "head": head.init(jax.random.key(1), jnp.zeros((2, model.cfg.d_model)))}
+    sep, shared = _loader_batch("separate"), _loader_batch("shared")
+    assert not sep["chosen_truncated_B"].any()
+    np.testing.assert_array_equal(sep["chosen_len_B"], shared["chosen_len_B"])
+    for got, want in zip(pm.score_step(params, shared, model=model),
+                         pm.score_step(params, sep, model=model), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grad = jax.jit(jax.value_and_grad(pm.pm_loss, has_aux=True), static_argnums=(2, 3))
+    (l_sh, aux_sh), g_sh = grad(params, shared, model, 0.5)
+    (l_sep, aux_sep), g_sep = grad(params, sep, model, 0.5)
+    np.testing.assert_allclose(l_sh, l_sep, rtol=1e-5)
+    np.testing.assert_allclose(aux_sh["train/lm_loss"], aux_sep["train/lm_loss"], rtol=1e-5)
+    chex.assert_trees_all_close(g_sh, g_sep, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["separate", "shared"])
+def test_pm_step_sharded_equals_single_device(eight_devices, layout):
     model = Transformer(SIZES["test"])
     # SGD, not Adam: Adam's g/sqrt(v) turns float noise on ~zero gradients into full steps
     opt = optax.sgd(0.1)
-    rng = np.random.default_rng(0)
-    batch = {"chosen_tokens_BxL": rng.integers(4, 500, (8, 24), dtype=np.int32),
-             "rejected_tokens_BxL": rng.integers(4, 500, (8, 24), dtype=np.int32),
-             "chosen_len_B": rng.integers(5, 25, 8, dtype=np.int32),
-             "rejected_len_B": rng.integers(5, 25, 8, dtype=np.int32),
-             "weight_B": np.ones(8, np.float32)}
+    batch = _loader_batch(layout, max_len=64)
     results = []
     for mesh in (sharding.make_mesh((1, 1, 1), eight_devices[:1]),
                  sharding.make_mesh((2, 2, 2), eight_devices)):
@@ -179,3 +211,30 @@ def test_experiment_pm_split_has_no_heldout_pairs():
     comps, _ = pm.load_comparisons(config.pm.data)
     assert comps and all(c.split == "train" for c in comps)
     assert all(data.split_of(c.first_human) == "train" for c in comps)
+
+
+def test_score_pairs_sorts_by_length_and_restores_order():
+    """score_pairs batches pairs by row length; each score must come back to its own pair.
+    A fake PM scores a pair +1 / −1 by its subset, looked up from the batch's content (the
+    chosen length identifies the pair): subset "a" then has accuracy 1 and "b" 0 only if
+    the scores are put back in the order of the pairs."""
+    rng = np.random.default_rng(3)
+    lengths = rng.permutation(np.arange(1, 80))[:37]  # distinct, in no particular order
+    comps = [data.Comparison(subset="a" if i % 2 else "b",
+                             context="\n\nHuman: " + "q" * int(n) + "\n\nAssistant:",
+                             chosen=" c", rejected=" r", first_human=str(i), source="t", line=i,
+                             split="heldout") for i, n in enumerate(lengths)]
+    tok = ByteTokenizer()
+    sign = {len(tok.encode(c.context + c.chosen)) + 1: 1.0 if c.subset == "a" else -1.0
+            for c in comps}
+    assert len(sign) == len(comps)
+
+    def fake_pm(params, batch):
+        r = np.asarray([sign.get(int(n), 0.0) for n in batch["chosen_len_B"]], np.float32)
+        return r, np.zeros_like(r)
+
+    cfg = ConfigDict({"max_len": 512, "eval_batch_size": 8, "pair_layout": "shared"})
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    rep = pm.score_pairs(fake_pm, None, comps, tok, cfg, mesh)
+    assert rep["per_subset"]["a"]["accuracy"] == 1.0
+    assert rep["per_subset"]["b"]["accuracy"] == 0.0
