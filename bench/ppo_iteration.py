@@ -1,16 +1,21 @@
 """One PPO iteration at the issue-6 anchor shape, its time split, and rollout tokens/s.
 
     python bench/ppo_iteration.py [--iters 10] [--batch 8] [--prompt 64] [--response 32]
+                                  [--recompute-logprobs] [--skip-naive]
 
 Shape: policy, π0, value and PM all 4 layers, d 256, 4 heads / 2 KV heads, ffw 1024,
 vocab 8192; 8 prompts of 64 tokens, 32-token responses, 1 epoch, 1 minibatch, float32.
 Random weights (speed does not depend on them); sampling runs the full 32 tokens (EOS id
-out of range, so no row stops early). Printed: seconds per iteration and the share of
-rollout (sampling + logprobs + values) / scoring / update; rollout tokens/s with the
-KV-cache sampler vs a naive sampler that recomputes the whole sequence every token (a
-jitted fori_loop, measured in the same run), and their ratio. The anchor is recorded,
-not rerun: google-tunix 0.1.7 PPO takes 0.90 s per iteration at this shape on this kind
-of 2-core machine (0.35 s rollout + scoring, 0.55 s update); the issue's target is ≤ 0.45 s.
+out of range, so no row stops early). The functions timed are the stage's own
+(`ppo_stage.iteration_fns` driven by `ppo_stage.run_iteration`). Printed: seconds per
+iteration without a host sync inside it (the headline), and — alternating with those
+iterations — with a sync at each phase boundary for the split rollout (sampling + log π0;
+values too unless K = 1 with one minibatch) / scoring / update (advantages + PPO epoch);
+rollout tokens/s with the KV-cache sampler vs a naive sampler that recomputes the whole
+sequence every token (a jitted fori_loop, measured in the same run), and their ratio. The
+anchor is recorded, not rerun: google-tunix 0.1.7 PPO takes 0.90 s per iteration at this
+shape on this kind of 2-core machine (0.35 s rollout + scoring, 0.55 s update); the
+issue's target is ≤ 0.45 s.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hh_jax import ppo, sampling, sharding, state  # noqa: E402
+from hh_jax import ppo, ppo_stage, sampling, sharding, state  # noqa: E402
 from hh_jax.model import SIZES, ScalarHead, Transformer  # noqa: E402
 
 TUNIX_ANCHOR_S = 0.90
@@ -52,6 +57,9 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--response", type=int, default=32)
+    ap.add_argument("--recompute-logprobs", action="store_true",
+                    help="log π of the rollout from a full forward (not the sampler's)")
+    ap.add_argument("--skip-naive", action="store_true", help="no sampler tokens/s part")
     a = ap.parse_args()
     cfg = SIZES["6M"].replace(vocab_size=8192, max_len=a.prompt + a.response + 1)
     mesh = sharding.make_mesh((-1, 1, 1))
@@ -73,41 +81,50 @@ def main():
                                               sh(lm_params)),
                       value=state.init_state(v_params, opt, sh(v_params)),
                       rng=jax.device_put(jax.random.PRNGKey(0), sharding.replicated(mesh)))
-    pcfg = ppo.PPOConfig(epochs=1, minibatches=1)
-    scfg = sampling.SamplingConfig(max_new_tokens=a.response, temperature=1.0)
+    pcfg = ppo.PPOConfig(epochs=1, minibatches=1,
+                         reuse_sampler_logprobs=not a.recompute_logprobs)
+    scfg = sampling.SamplingConfig(max_new_tokens=a.response, temperature=pcfg.temperature)
     q = a.prompt
-    roll = jax.jit(functools.partial(ppo.rollout, policy_model=model, value_model=model,
-                                     sample_cfg=scfg, eos_id=-1, pad_id=0, temperature=1.0))
-    score = jax.jit(functools.partial(ppo.score_rollout, q=q, pm_model=model, eoc_id=3))
-    adv = jax.jit(functools.partial(ppo.advantages, cfg=pcfg))
-    upd = jax.jit(functools.partial(ppo.ppo_update, policy_model=model, value_model=model,
-                                    policy_opt=opt, value_opt=opt, cfg=pcfg, q=q),
-                  donate_argnums=0)
+    fns = ppo_stage.iteration_fns(pcfg, policy_model=model, value_model=model, pm_model=model,
+                                  sample_cfg=scfg, eos_id=-1, pad_id=0, eoc_id=3,
+                                  policy_opt=opt, value_opt=opt, q=q)
+    fns["update"] = fns["update"](jax.tree_util.tree_map(lambda x: x.sharding, st))
     prompts = jax.random.randint(jax.random.key(5), (a.batch, q), 4, cfg.vocab_size)
     masks = jnp.ones_like(prompts, bool)
     times = {"rollout": [], "score": [], "update": []}
+    whole = []
+    marks = []
+
+    def mark(phase, out):  # a host sync at a phase boundary: only for the split
+        jax.block_until_ready(out)
+        marks.append((phase, time.perf_counter()))
+
+    def iteration(st, it, split):
+        rng = jax.random.fold_in(jax.random.PRNGKey(1), it)
+        return ppo_stage.run_iteration(fns, st, lm_params, pm_params, prompts, masks, rng,
+                                       0.001, mark if split else None)
+
     with sharding.activate(mesh):
-        for it in range(a.iters + 2):  # the first two compile
-            t0 = time.perf_counter()
-            r = jax.block_until_ready(roll(st.policy.params, lm_params, st.value.params,
-                                           prompts, masks, jax.random.fold_in(
-                                               jax.random.PRNGKey(1), it)))
-            t1 = time.perf_counter()
-            s = jax.block_until_ready(score(pm_params, r))
-            t2 = time.perf_counter()
-            batch, _ = adv(r, s, 0.001)
-            st, stats = upd(st, batch)
-            jax.block_until_ready(stats)
-            t3 = time.perf_counter()
-            if it >= 2:
-                for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                    times[k].append(dt)
+        for it in range(2):  # compile
+            st, m = iteration(st, it, split=False)
+            jax.block_until_ready((st, m))
+        for it in range(2, 2 + 2 * a.iters):  # alternate: split / whole, same conditions
+            split = it % 2 == 0
+            marks[:] = [("start", time.perf_counter())]
+            st, m = iteration(st, it, split)
+            jax.block_until_ready((st, m))
+            t_end = time.perf_counter()
+            if split:
+                for (_, t0), (phase, t1) in zip(marks[:-1], marks[1:], strict=True):
+                    times[phase].append(t1 - t0)
+            else:
+                whole.append(t_end - marks[0][1])
         sample = jax.jit(functools.partial(
             sampling.sample, model=model, cfg=sampling.SamplingConfig(
                 max_new_tokens=a.response, temperature=0.0), eos_id=-1, pad_id=0))
         naive = jax.jit(functools.partial(naive_sample, model=model, r=a.response))
         t_kv, t_naive = [], []
-        for i in range(4):
+        for i in range(0 if a.skip_naive else 4):
             t0 = time.perf_counter()
             jax.block_until_ready(sample(lm_params, prompts, masks, jax.random.key(i)))
             t1 = time.perf_counter()
@@ -117,14 +134,20 @@ def main():
                 t_kv.append(t1 - t0)
                 t_naive.append(t2 - t1)
     mean = {k: sum(v) / len(v) for k, v in times.items()}
-    total = sum(mean.values())
+    split_total = sum(mean.values())
+    total = sum(whole) / len(whole)
     print(f"machine: {os.cpu_count()} cpus, jax {jax.__version__}; 4L d256 vocab 8192, "
-          f"{a.batch} prompts × {q} tokens, {a.response}-token responses, float32")
-    print(f"PPO iteration: {total:.3f} s  (rollout {mean['rollout']:.3f} s = "
-          f"{mean['rollout'] / total:.0%}, scoring {mean['score']:.3f} s = "
-          f"{mean['score'] / total:.0%}, update {mean['update']:.3f} s = "
-          f"{mean['update'] / total:.0%}), mean of {a.iters}")
+          f"{a.batch} prompts × {q} tokens, {a.response}-token responses, float32; log π "
+          f"{'recomputed' if a.recompute_logprobs else 'from the sampler'}")
+    print(f"PPO iteration: {total:.3f} s (no sync inside; min {min(whole):.3f} s), "
+          f"mean of {len(whole)}")
+    print(f"  split, synced at phase boundaries: {split_total:.3f} s = rollout "
+          f"{mean['rollout']:.3f} s ({mean['rollout'] / split_total:.0%}) + scoring "
+          f"{mean['score']:.3f} s ({mean['score'] / split_total:.0%}) + update "
+          f"{mean['update']:.3f} s ({mean['update'] / split_total:.0%}), mean of {a.iters}")
     print(f"vs tunix anchor {TUNIX_ANCHOR_S:.2f} s/iteration: {TUNIX_ANCHOR_S / total:.2f}x")
+    if a.skip_naive:
+        return
     new_tokens = a.batch * a.response
     kv, nv = min(t_kv), min(t_naive)
     print(f"rollout sampling: KV cache {new_tokens / kv:.0f} tokens/s, naive full recompute "

@@ -1,10 +1,14 @@
 """PPO against a PM with a KL penalty to π0 (PAPER.md §4–5): pure functions, shapes in names.
 
-One iteration: `rollout` (KV-cache sampling from π; per-token logprobs under π and π0 from a
-full forward pass, values, the PM score at the end of each response) → `compute_rewards`
-(−λ·(log π − log π0) per token, PM score at the final real token) → `gae` → `ppo_update`
-(K epochs × minibatches inside one jit). Policy and value are separate param trees; π0 and
-the PM are frozen jit arguments. The KL controller runs on the host.
+One iteration: `rollout` (KV-cache sampling from π, which also gives log π; per-token log π0
+from a full forward pass; values, the PM score at the end of each response) →
+`compute_rewards` (−λ·(log π − log π0) per token, PM score at the final real token) → `gae`
+→ `ppo_update` (K epochs × minibatches inside one jit). Policy and value are separate param
+trees; π0 and the PM are frozen jit arguments. The KL controller runs on the host.
+
+Work not repeated: the last layer and the LM head (V wide) run at the R response positions
+only (the PM's last layer: at its one read position); with K = 1 and one minibatch
+(`single_pass`) the values come from the update's own forward.
 
 Legend: B prompts, Q prompt length, R response length, T = Q + R, V vocab, D model.
 """
@@ -12,15 +16,17 @@ Legend: B prompts, Q prompt length, R response length, T = Q + R, V vocab, D mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from hh_jax import losses, sampling
-from hh_jax.model import ScalarHead, Transformer, gather_at
+from hh_jax.model import ModelConfig, ScalarHead, Transformer
 from hh_jax.state import TrainState
 
 
@@ -43,6 +49,8 @@ class PPOConfig:
     score_shift: float = 0.0  # r_PM ← (r_PM − shift) / scale: the PM's score statistics
     score_scale: float = 1.0
     temperature: float = 1.0
+    # log π of the rollout: the sampler's own (True), or a full forward pass recomputing it
+    reuse_sampler_logprobs: bool = True
 
 
 @flax.struct.dataclass
@@ -52,30 +60,64 @@ class PPOState:
     rng: jax.Array
 
 
-def response_logprobs(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer,
-                      temperature: float = 1.0):
-    """log π(response token t | prefix) for the R tokens after position q, and entropies."""
-    out = model.apply(params, tokens_BxT, mask_BxL=mask_BxT)
-    logits_BxRxV = out["logits_BxLxV"][:, q - 1:-1] / temperature
-    logp_BxRxV = jax.nn.log_softmax(logits_BxRxV, axis=-1)
-    logp_BxR = jnp.take_along_axis(logp_BxRxV, tokens_BxT[:, q:, None], axis=-1)[..., 0]
+def lm_logits(params, hidden_BxLxD, cfg: ModelConfig):
+    """The Transformer's LM head (tied embedding or `lm_head`) on the given hidden states
+    only: float32 logits, as `Transformer` computes them at every position."""
+    p = params["params"]
+    dtype = jnp.dtype(cfg.dtype)
+    x = hidden_BxLxD.astype(dtype)
+    if cfg.tie_embeddings:  # nn.Embed.attend: query · embeddingᵀ in the compute dtype
+        logits_BxLxV = jnp.dot(x, p["embed"]["embedding"].astype(dtype).T)
+    else:
+        logits_BxLxV = jnp.dot(x, p["lm_head"]["kernel"].astype(dtype))
+    return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
+                                      ("act_batch", "act_length", "act_vocab"))
+
+
+def response_positions(tokens_BxT, q: int):
+    """The R positions q−1..T−2 whose hidden states predict (or value) the response tokens."""
+    b, t = tokens_BxT.shape
+    return jnp.broadcast_to(jnp.arange(q - 1, t - 1, dtype=jnp.int32), (b, t - q))
+
+
+def response_logits(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer):
+    """Logits predicting the R response tokens (positions q−1..T−2): the backbone on all T
+    tokens but its last layer and the LM head (V wide) only where they are read."""
+    out = model.apply(params, tokens_BxT, mask_BxL=mask_BxT,
+                      read_index_BxQ=response_positions(tokens_BxT, q))
+    return lm_logits(params, out["hidden_BxQxD"], model.cfg)
+
+
+def logprobs_and_entropy(logits_BxRxV, tokens_BxR, temperature: float = 1.0):
+    """log p(token) and the entropy of each row's tempered distribution."""
+    logp_BxRxV = jax.nn.log_softmax(logits_BxRxV / temperature, axis=-1)
+    logp_BxR = jnp.take_along_axis(logp_BxRxV, tokens_BxR[..., None], axis=-1)[..., 0]
     entropy_BxR = -(jnp.exp(logp_BxRxV) * logp_BxRxV).sum(-1)
     return logp_BxR, entropy_BxR
 
 
+def response_logprobs(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer,
+                      temperature: float = 1.0):
+    """log π(response token t | prefix) for the R tokens after position q, and entropies."""
+    logits_BxRxV = response_logits(params, tokens_BxT, mask_BxT, q, model=model)
+    return logprobs_and_entropy(logits_BxRxV, tokens_BxT[:, q:], temperature)
+
+
 def values_of(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer):
     """V(prefix before response token t) for t < R: the value head at positions q−1..T−2."""
-    out = model.apply(params["backbone"], tokens_BxT, mask_BxL=mask_BxT, with_logits=False)
+    out = model.apply(params["backbone"], tokens_BxT, mask_BxL=mask_BxT,
+                      read_index_BxQ=response_positions(tokens_BxT, q))
     head = ScalarHead(model.cfg.d_model, zero_init=True)
-    return head.apply(params["head"], out["hidden_BxLxD"][:, q - 1:-1])
+    return head.apply(params["head"], out["hidden_BxQxD"])
 
 
 def pm_score(params, tokens_BxT, lengths_B, *, model: Transformer):
     """PM reward read at index lengths_B − 1 (where the caller put the EOC token)."""
     mask = jnp.arange(tokens_BxT.shape[1])[None, :] < lengths_B[:, None]
-    out = model.apply(params["backbone"], tokens_BxT, mask_BxL=mask, with_logits=False)
+    out = model.apply(params["backbone"], tokens_BxT, mask_BxL=mask,
+                      read_index_BxQ=(lengths_B - 1)[:, None].astype(jnp.int32))
     head = ScalarHead(model.cfg.d_model, use_bias=False)
-    return head.apply(params["head"], gather_at(out["hidden_BxLxD"], lengths_B - 1))
+    return head.apply(params["head"], out["hidden_BxQxD"][:, 0])
 
 
 def with_eoc(prompt_BxQ, prompt_mask_BxQ, response_BxR, lengths_B, ended_B, eoc_id: int):
@@ -95,24 +137,38 @@ def with_eoc(prompt_BxQ, prompt_mask_BxQ, response_BxR, lengths_B, ended_B, eoc_
 
 def rollout(policy_params, ref_params, value_params, prompt_BxQ, prompt_mask_BxQ, rng, *,
             policy_model: Transformer, value_model: Transformer, sample_cfg, eos_id: int,
-            pad_id: int, temperature: float):
-    """Samples responses from π; logprobs under π and π0 from a full forward pass (not the
-    sampler's, so the trainer and the "engine" can never disagree: RLHF_PRACTICE §2.18)."""
+            pad_id: int, temperature: float, reuse_sampler_logprobs: bool = True,
+            with_values: bool = True):
+    """Samples responses from π; per-token log π0 from a full forward pass, values.
+
+    log π (and the entropy) are the sampler's own — the KV-cache decode of the same π at
+    the same temperature, equal to a full forward's within float tolerance (tested) — or,
+    with `reuse_sampler_logprobs=False`, recomputed by a full forward pass so the trainer
+    and the "engine" can never disagree (RLHF_PRACTICE §2.18; e.g. a bf16 cache). Without
+    values (`with_values=False`) the update computes them (`single_pass`)."""
     s = sampling.sample(policy_params, prompt_BxQ, prompt_mask_BxQ, rng, model=policy_model,
                         cfg=sample_cfg, eos_id=eos_id, pad_id=pad_id)
     q, r = prompt_BxQ.shape[1], sample_cfg.max_new_tokens
     mask_BxR = jnp.arange(r)[None, :] < s["lengths_B"][:, None]
     tokens_BxT = jnp.concatenate([s["prompt_BxQ"], s["tokens_BxR"]], axis=1)
     mask_BxT = jnp.concatenate([s["prompt_mask_BxQ"], mask_BxR], axis=1)
-    logp_BxR, entropy_BxR = response_logprobs(policy_params, tokens_BxT, mask_BxT, q,
-                                              model=policy_model, temperature=temperature)
+    if reuse_sampler_logprobs:
+        if sample_cfg.temperature != temperature:
+            raise ValueError(f"sampler temperature {sample_cfg.temperature} != PPO temperature "
+                             f"{temperature}: the sampler's logprobs are not log π")
+        logp_BxR, entropy_BxR = s["logprobs_BxR"], s["entropies_BxR"]
+    else:
+        logp_BxR, entropy_BxR = response_logprobs(policy_params, tokens_BxT, mask_BxT, q,
+                                                  model=policy_model, temperature=temperature)
     ref_logp_BxR, _ = response_logprobs(ref_params, tokens_BxT, mask_BxT, q, model=policy_model,
                                         temperature=temperature)
-    values_BxR = values_of(value_params, tokens_BxT, mask_BxT, q, model=value_model)
-    return {"tokens_BxT": tokens_BxT, "mask_BxT": mask_BxT, "mask_BxR": mask_BxR,
-            "logp_BxR": logp_BxR, "ref_logp_BxR": ref_logp_BxR, "values_BxR": values_BxR,
-            "entropy_BxR": entropy_BxR, "lengths_B": s["lengths_B"], "ended_B": s["ended_B"],
-            "sampler_logp_BxR": s["logprobs_BxR"]}
+    out = {"tokens_BxT": tokens_BxT, "mask_BxT": mask_BxT, "mask_BxR": mask_BxR,
+           "logp_BxR": logp_BxR, "ref_logp_BxR": ref_logp_BxR, "entropy_BxR": entropy_BxR,
+           "lengths_B": s["lengths_B"], "ended_B": s["ended_B"],
+           "sampler_logp_BxR": s["logprobs_BxR"]}
+    if with_values:
+        out["values_BxR"] = values_of(value_params, tokens_BxT, mask_BxT, q, model=value_model)
+    return out
 
 
 def score_rollout(pm_params, roll: dict, q: int, *, pm_model: Transformer, eoc_id: int):
@@ -137,31 +193,63 @@ def compute_rewards(score_B, logp_BxR, ref_logp_BxR, mask_BxR, lengths_B, ended_
     return rewards_BxR, kl_BxR, score_B
 
 
-def _minibatch_loss(params, mb, *, policy_model, value_model, cfg: PPOConfig, q: int):
+def value_targets(rewards_BxR, values_BxR, mask_BxR, cfg: PPOConfig) -> tuple[dict, dict]:
+    """GAE advantages and returns from per-token rewards and V(prefix); value-fit metrics."""
+    adv, returns = losses.gae(rewards_BxR, values_BxR, mask_BxR, cfg.gamma, cfg.lam)
+    m = mask_BxR
+    resid = losses.masked_mean((returns - values_BxR) ** 2, m)
+    var = losses.masked_mean((returns - losses.masked_mean(returns, m)) ** 2, m)
+    metrics = {"ppo/val/var_explained": 1.0 - resid / jnp.maximum(var, 1e-8),
+               "ppo/returns/mean": losses.masked_mean(returns, m)}
+    return {"values_BxR": values_BxR, "adv_BxR": adv, "returns_BxR": returns}, metrics
+
+
+def _minibatch_loss(params, mb, *, policy_model, value_model, cfg: PPOConfig, q: int,
+                    own_values: bool = False):
     logp, entropy = response_logprobs(params["policy"], mb["tokens_BxT"], mb["mask_BxT"], q,
                                       model=policy_model, temperature=cfg.temperature)
+    v = values_of(params["value"], mb["tokens_BxT"], mb["mask_BxT"], q, model=value_model)
+    v_stats = {}
+    if own_values:  # K = 1, one minibatch: V_old is this very pass's V (same params)
+        targets, v_stats = value_targets(mb["rewards_BxR"], jax.lax.stop_gradient(v),
+                                         mb["mask_BxR"], cfg)
+        if cfg.whiten_advantages:
+            targets["adv_BxR"] = losses.masked_whiten(targets["adv_BxR"], mb["mask_BxR"])
+        mb = {**mb, **targets}
     pg_loss, pg_stats = losses.ppo_policy_loss(logp, mb["logp_BxR"], mb["adv_BxR"],
                                                mb["mask_BxR"], cfg.clip)
-    v = values_of(params["value"], mb["tokens_BxT"], mb["mask_BxT"], q, model=value_model)
-    v_loss, v_stats = losses.ppo_value_loss(v, mb["values_BxR"], mb["returns_BxR"],
-                                            mb["mask_BxR"], cfg.value_clip)
-    stats = {**pg_stats, **v_stats, "ppo/policy/loss": pg_loss, "ppo/val/loss": v_loss,
+    v_loss, vl_stats = losses.ppo_value_loss(v, mb["values_BxR"], mb["returns_BxR"],
+                                             mb["mask_BxR"], cfg.value_clip)
+    stats = {**pg_stats, **vl_stats, **v_stats, "ppo/policy/loss": pg_loss, "ppo/val/loss": v_loss,
              "ppo/policy/entropy": losses.masked_mean(entropy, mb["mask_BxR"])}
     return pg_loss + cfg.value_coef * v_loss, stats
 
 
+def single_pass(cfg: PPOConfig) -> bool:
+    """K = 1 and one minibatch: the update's forward pass is at the rollout's params, so
+    the values need not be computed in the rollout (its V_old is the update's own V)."""
+    return cfg.epochs == 1 and cfg.minibatches == 1
+
+
 def ppo_update(st: PPOState, batch, *, policy_model, value_model, policy_opt, value_opt,
                cfg: PPOConfig, q: int):
-    """K epochs × minibatches of clipped PPO on one rollout batch, inside one jit."""
+    """K epochs × minibatches of clipped PPO on one rollout batch, inside one jit.
+
+    `batch` holds advantages and returns (from `advantages` of a rollout with values), or —
+    only when `single_pass(cfg)` — per-token rewards, turned into advantages here from the
+    values of the update's own forward pass (the same numbers, one value forward fewer)."""
     b = batch["tokens_BxT"].shape[0]
     if b % cfg.minibatches:
         raise ValueError(f"batch {b} is not divisible into {cfg.minibatches} minibatches")
-    adv = batch["adv_BxR"]
-    if cfg.whiten_advantages:
-        adv = losses.masked_whiten(adv, batch["mask_BxR"])
-    data = {**batch, "adv_BxR": adv}
+    own_values = "adv_BxR" not in batch
+    if own_values and not single_pass(cfg):
+        raise ValueError("a batch without advantages needs epochs == minibatches == 1")
+    data = dict(batch)
+    if cfg.whiten_advantages and not own_values:
+        data["adv_BxR"] = losses.masked_whiten(batch["adv_BxR"], batch["mask_BxR"])
     rng, perm_rng = jax.random.split(st.rng)
-    grad_fn = jax.value_and_grad(_minibatch_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(_minibatch_loss, own_values=own_values),
+                                 has_aux=True)
 
     def one_minibatch(carry, idx_M):
         pol, val = carry
@@ -186,27 +274,27 @@ def ppo_update(st: PPOState, batch, *, policy_model, value_model, policy_opt, va
 
 
 def advantages(roll: dict, score_B, kl_coef, cfg: PPOConfig) -> tuple[dict, dict]:
-    """Rewards → GAE; returns the update batch and the iteration's objective metrics."""
+    """Rewards → GAE; returns the update batch and the iteration's objective metrics.
+
+    A rollout without values (`rollout(..., with_values=False)`, for `single_pass`) gives
+    a batch with the per-token rewards instead: `ppo_update` finishes GAE there."""
     raw_score_B = score_B
     rewards, kl_BxR, score_B = compute_rewards(score_B, roll["logp_BxR"],
                                                roll["ref_logp_BxR"], roll["mask_BxR"],
                                                roll["lengths_B"], roll["ended_B"], kl_coef, cfg)
-    adv, returns = losses.gae(rewards, roll["values_BxR"], roll["mask_BxR"], cfg.gamma, cfg.lam)
     kl_B = kl_BxR.sum(1)
     m = roll["mask_BxR"]
-    resid = losses.masked_mean((returns - roll["values_BxR"]) ** 2, m)
-    var = losses.masked_mean((returns - losses.masked_mean(returns, m)) ** 2, m)
     metrics = {"objective/score": raw_score_B.mean(), "objective/score_used": score_B.mean(),
                "objective/kl": kl_B.mean(), "objective/sqrt_kl": jnp.sqrt(jnp.maximum(
                    kl_B.mean(), 0.0)), "objective/kl_coef": kl_coef,
                "objective/entropy": (roll["entropy_BxR"] * m).sum(1).mean(),
-               "ppo/val/var_explained": 1.0 - resid / jnp.maximum(var, 1e-8),
-               "ppo/returns/mean": losses.masked_mean(returns, m),
                "response/length": roll["lengths_B"].mean(),
                "response/ended": roll["ended_B"].mean()}
-    batch = {k: roll[k] for k in ("tokens_BxT", "mask_BxT", "mask_BxR", "logp_BxR",
-                                  "values_BxR")}
-    return {**batch, "adv_BxR": adv, "returns_BxR": returns}, metrics
+    batch = {k: roll[k] for k in ("tokens_BxT", "mask_BxT", "mask_BxR", "logp_BxR")}
+    if "values_BxR" not in roll:
+        return {**batch, "rewards_BxR": rewards}, metrics
+    targets, v_metrics = value_targets(rewards, roll["values_BxR"], m, cfg)
+    return {**batch, **targets}, {**metrics, **v_metrics}
 
 
 class KLController:

@@ -141,27 +141,59 @@ def write_samples(path: str, tok, prompts: list[str], out: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def iteration_fns(pcfg: ppo.PPOConfig, *, policy_model: Transformer, value_model: Transformer,
+                  pm_model: Transformer, sample_cfg: sampling.SamplingConfig, eos_id: int,
+                  pad_id: int, eoc_id: int, policy_opt, value_opt, q: int) -> dict:
+    """The jitted functions of one PPO iteration: what the stage runs and what
+    bench/ppo_iteration.py times. "update" takes the state's shardings first."""
+    return {
+        "rollout": jax.jit(functools.partial(
+            ppo.rollout, policy_model=policy_model, value_model=value_model,
+            sample_cfg=sample_cfg, eos_id=eos_id, pad_id=pad_id, temperature=pcfg.temperature,
+            reuse_sampler_logprobs=pcfg.reuse_sampler_logprobs,
+            with_values=not ppo.single_pass(pcfg))),
+        "score": jax.jit(functools.partial(ppo.score_rollout, q=q, pm_model=pm_model,
+                                           eoc_id=eoc_id)),
+        "advantages": jax.jit(functools.partial(ppo.advantages, cfg=pcfg)),
+        "update": lambda st_sh: jax.jit(functools.partial(
+            ppo.ppo_update, policy_model=policy_model, value_model=value_model,
+            policy_opt=policy_opt, value_opt=value_opt, cfg=pcfg, q=q), donate_argnums=0,
+            out_shardings=(st_sh, None)),  # same layout in and out: no second compile
+    }
+
+
+def run_iteration(fns: dict, st: ppo.PPOState, ref_params, pm_params, prompts_BxQ, masks_BxQ,
+                  rng, kl_coef: float, mark=None) -> tuple[ppo.PPOState, dict]:
+    """rollout → PM score → advantages → update; dispatched without a host sync. `mark`,
+    when given, is called as mark(phase, outputs) after each phase (timing splits)."""
+    roll = fns["rollout"](st.policy.params, ref_params, st.value.params, prompts_BxQ, masks_BxQ,
+                          rng)
+    if mark is not None:
+        mark("rollout", roll)
+    score = fns["score"](pm_params, roll)
+    if mark is not None:
+        mark("score", score)
+    batch, m = fns["advantages"](roll, score, kl_coef)
+    st, stats = fns["update"](st, batch)
+    if mark is not None:
+        mark("update", (st, stats))
+    return st, {**m, **stats}
+
+
 def make_fns(cfg: ConfigDict, pcfg: ppo.PPOConfig, policy: Frozen, pm: Frozen,
              test_pm: Frozen | None, tok, policy_opt, value_opt, q: int) -> dict:
     """The jitted functions of an iteration (rollout, score, advantages, update) and eval."""
     sample_cfg = sampling.SamplingConfig(max_new_tokens=cfg.response_len,
                                          temperature=pcfg.temperature)
-    return {
-        "rollout": jax.jit(functools.partial(
-            ppo.rollout, policy_model=policy.model, value_model=pm.model, sample_cfg=sample_cfg,
-            eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=pcfg.temperature)),
-        "score": jax.jit(functools.partial(ppo.score_rollout, q=q, pm_model=pm.model,
-                                           eoc_id=tok.eoc_id)),
-        "advantages": jax.jit(functools.partial(ppo.advantages, cfg=pcfg)),
-        "update": lambda st_sh: jax.jit(functools.partial(
-            ppo.ppo_update, policy_model=policy.model, value_model=pm.model,
-            policy_opt=policy_opt, value_opt=value_opt, cfg=pcfg, q=q), donate_argnums=0,
-            out_shardings=(st_sh, None)),  # same layout in and out: no second compile
-        "evaluate": jax.jit(functools.partial(
-            sample_and_score, policy_model=policy.model, pm_model=pm.model,
-            test_pm_model=None if test_pm is None else test_pm.model, sample_cfg=sample_cfg,
-            tok=tok, temperature=pcfg.temperature)),
-    }
+    fns = iteration_fns(pcfg, policy_model=policy.model, value_model=pm.model,
+                        pm_model=pm.model, sample_cfg=sample_cfg, eos_id=tok.eos_id,
+                        pad_id=tok.pad_id, eoc_id=tok.eoc_id, policy_opt=policy_opt,
+                        value_opt=value_opt, q=q)
+    fns["evaluate"] = jax.jit(functools.partial(
+        sample_and_score, policy_model=policy.model, pm_model=pm.model,
+        test_pm_model=None if test_pm is None else test_pm.model, sample_cfg=sample_cfg,
+        tok=tok, temperature=pcfg.temperature))
+    return fns
 
 
 def ppo_config(cfg: ConfigDict, pm: Frozen) -> ppo.PPOConfig:
@@ -228,7 +260,16 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     writer = metrics.MetricsWriter(stage_dir)
     print(f"[ppo] {len(prompts)} train prompts, {len(ev_prompts)} held-out, {cfg.iterations} "
           f"iterations of {cfg.batch_size}; from iteration {start}", flush=True)
-    timing = {"rollout": 0.0, "score": 0.0, "update": 0.0}
+    # Iterations run without a host sync until the metrics are read (the KL controller needs
+    # them); logged iterations also sync at each phase boundary for the time split.
+    timing = {"rollout": 0.0, "score": 0.0, "update": 0.0, "iteration": 0.0, "n": 0,
+              "n_split": 0}
+    marks = []
+
+    def mark(phase, out):
+        jax.block_until_ready(out)
+        marks.append(time.time())
+
     try:
         with sharding.activate(mesh):
             if start == 0:
@@ -238,27 +279,27 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
             for it in range(start, cfg.iterations):
                 idx = _prompt_batch(len(prompts), cfg.batch_size, cfg.seed, it)
                 tokens, masks = encode_prompts(tok, [prompts[i] for i in idx], q)
-                t0 = time.time()
-                roll = jax.block_until_ready(fns["rollout"](
-                    st.policy.params, policy.params, st.value.params, tokens, masks,
-                    jax.random.fold_in(jax.random.PRNGKey(cfg.seed), it)))
-                t1 = time.time()
-                score = jax.block_until_ready(fns["score"](pm.params, roll))
-                t2 = time.time()
-                batch, m = fns["advantages"](roll, score, kl.value)
-                st, stats = fns["update"](st, batch)
-                m = metrics.to_python({**m, **stats})
-                t3 = time.time()
-                for k, dt in zip(timing, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                    timing[k] += dt
-                    m[f"time/{k}"] = dt
+                split = (it + 1) % cfg.log_every == 0
+                marks[:] = [time.time()]
+                st, m = run_iteration(fns, st, policy.params, pm.params, tokens, masks,
+                                      jax.random.fold_in(jax.random.PRNGKey(cfg.seed), it),
+                                      kl.value, mark if split else None)
+                m = metrics.to_python(m)
+                m["time/iteration"] = time.time() - marks[0]
+                timing["iteration"] += m["time/iteration"]
+                timing["n"] += 1
+                if split:
+                    timing["n_split"] += 1
+                    for k, dt in zip(("rollout", "score", "update"), np.diff(marks), strict=True):
+                        timing[k] += float(dt)
+                        m[f"time/{k}"] = float(dt)
                 metrics.check_finite(m, it + 1, "ppo")
                 kl.update(m["objective/kl"], cfg.batch_size)
                 writer.write(it + 1, m)
                 if (it + 1) % cfg.log_every == 0:
                     print(f"[ppo] iteration {it + 1}/{cfg.iterations} score "
                           f"{m['objective/score']:.3f} kl {m['objective/kl']:.3f} "
-                          f"({t3 - t0:.2f}s)", flush=True)
+                          f"({m['time/iteration']:.2f}s)", flush=True)
                 if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
                     em, out = _evaluate(fns, st, policy.params, pm, test_pm, ev_tokens, ev_masks,
                                         cfg, it + 1)
@@ -282,10 +323,11 @@ def _finish(cfg, stage_dir, st, policy, evals, timing) -> dict:
         "tokenizer": checkpoint.copy_tokenizer(cfg.policy_from, export_dir)})
     key = "eval/test_score" if "eval/test_score" in evals[0] else "eval/score"
     fit = sqrt_kl_fit(evals, key)
-    total = sum(timing.values()) or 1.0
+    phases = ("rollout", "score", "update")
+    split_total = sum(timing[k] for k in phases) or 1.0
     summary = {"initial": evals[0], "final": evals[-1], "evals": evals, "sqrt_kl_fit": fit,
-               "time_share": {k: v / total for k, v in timing.items()},
-               "seconds_per_iteration": total / max(cfg.iterations, 1)}
+               "time_share": {k: timing[k] / split_total for k in phases},
+               "seconds_per_iteration": timing["iteration"] / max(timing["n"], 1)}
     plot_sqrt_kl(evals, fit, key, os.path.join(stage_dir, "sqrt_kl.png"))
     metrics.write_summary(stage_dir, summary)
     f, i = evals[-1], evals[0]

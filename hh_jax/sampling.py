@@ -52,25 +52,41 @@ def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits_BxV
 
 
+def draw(logits_BxV: jax.Array, rng: jax.Array) -> jax.Array:
+    """One token per row from softmax(logits_BxV), by inverse CDF: one uniform per row
+    (Gumbel-max, as in jax.random.categorical, draws V of them — most of a decode step's
+    sampling time at V = 8192). Tokens without probability mass (filtered) are never drawn.
+    """
+    probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+    u_Bx1 = jax.random.uniform(rng, cdf_BxV[:, :1].shape, cdf_BxV.dtype) * cdf_BxV[:, -1:]
+    token_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)
+    # u·total may round up to total: then the last token with mass
+    last_B = logits_BxV.shape[-1] - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(token_B, last_B)
+
+
 def _pick(logits_BxV, rng, cfg: SamplingConfig):
-    """(token_B, logprob_B) — logprob under the untruncated tempered distribution."""
+    """(token_B, logprob_B, entropy_B) — under the untruncated tempered distribution."""
     if cfg.temperature == 0.0:
         token_B = jnp.argmax(logits_BxV, axis=-1)
         logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
     else:
         scaled_BxV = logits_BxV / cfg.temperature
         logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
-        token_B = jax.random.categorical(rng, filter_logits(scaled_BxV, cfg.top_k, cfg.top_p))
+        token_B = draw(filter_logits(scaled_BxV, cfg.top_k, cfg.top_p), rng)
     logp_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
-    return token_B.astype(jnp.int32), logp_B
+    entropy_B = -(jnp.exp(logp_BxV) * logp_BxV).sum(-1)
+    return token_B.astype(jnp.int32), logp_B, entropy_B
 
 
 def sample(params, prompt_BxQ: jax.Array, prompt_mask_BxQ: jax.Array, rng: jax.Array, *,
            model: Transformer, cfg: SamplingConfig, eos_id: int, pad_id: int) -> dict:
     """Samples up to `cfg.max_new_tokens` per row.
 
-    Returns tokens_BxR (pad after EOS), logprobs_BxR (0 after EOS), lengths_B (tokens up to
-    and including EOS), ended_B (row produced EOS), and the left-aligned prompt.
+    Returns tokens_BxR (pad after EOS), logprobs_BxR and entropies_BxR (of the distribution
+    each token was drawn from; 0 after EOS), lengths_B (tokens up to and including EOS),
+    ended_B (row produced EOS), and the left-aligned prompt.
     """
     prompt_BxQ, prompt_mask_BxQ = left_align(prompt_BxQ, prompt_mask_BxQ)
     b, q = prompt_BxQ.shape
@@ -83,14 +99,15 @@ def sample(params, prompt_BxQ: jax.Array, prompt_mask_BxQ: jax.Array, rng: jax.A
                 logits_BxV=out["logits_BxLxV"][:, -1],
                 kv_valid_BxS=kv_valid_BxS, pos_B=prompt_mask_BxQ.sum(axis=1).astype(jnp.int32),
                 done_B=jnp.zeros((b,), bool), tokens_BxR=jnp.full((b, r), pad_id, jnp.int32),
-                logprobs_BxR=jnp.zeros((b, r), jnp.float32), rng=rng)
+                logprobs_BxR=jnp.zeros((b, r), jnp.float32),
+                entropies_BxR=jnp.zeros((b, r), jnp.float32), rng=rng)
 
     def cond(c):
         return (c["i"] < r) & ~jnp.all(c["done_B"])
 
     def body(c):
         rng, step_rng = jax.random.split(c["rng"])
-        token_B, logp_B = _pick(c["logits_BxV"], step_rng, cfg)
+        token_B, logp_B, entropy_B = _pick(c["logits_BxV"], step_rng, cfg)
         live_B = ~c["done_B"]
         token_B = jnp.where(live_B, token_B, pad_id)
         i = c["i"]
@@ -102,14 +119,16 @@ def sample(params, prompt_BxQ: jax.Array, prompt_mask_BxQ: jax.Array, rng: jax.A
                     done_B=c["done_B"] | (token_B == eos_id),
                     tokens_BxR=c["tokens_BxR"].at[:, i].set(token_B),
                     logprobs_BxR=c["logprobs_BxR"].at[:, i].set(jnp.where(live_B, logp_B, 0.0)),
+                    entropies_BxR=c["entropies_BxR"].at[:, i].set(
+                        jnp.where(live_B, entropy_B, 0.0)),
                     rng=rng)
 
     c = jax.lax.while_loop(cond, body, init)
     ended_B = jnp.any(c["tokens_BxR"] == eos_id, axis=1)
     lengths_B = jnp.where(ended_B, jnp.argmax(c["tokens_BxR"] == eos_id, axis=1) + 1, c["i"])
     return {"tokens_BxR": c["tokens_BxR"], "logprobs_BxR": c["logprobs_BxR"],
-            "lengths_B": lengths_B.astype(jnp.int32), "ended_B": ended_B,
-            "prompt_BxQ": prompt_BxQ, "prompt_mask_BxQ": prompt_mask_BxQ}
+            "entropies_BxR": c["entropies_BxR"], "lengths_B": lengths_B.astype(jnp.int32),
+            "ended_B": ended_B, "prompt_BxQ": prompt_BxQ, "prompt_mask_BxQ": prompt_mask_BxQ}
 
 
 def pad_prompts(token_lists: list[list[int]], pad_id: int, length: int | None = None,

@@ -99,7 +99,7 @@ def test_kl_controller_adaptive_rule():
     assert ppo.bon_kl(1) == 0 and ppo.bon_kl(16) == pytest.approx(np.log(16) - 15 / 16)
 
 
-def _toy(mesh, cfg=None):
+def _toy(mesh, cfg=None, with_values=True):
     """Policy = value model = a "test" transformer; the PM is a plain function (count of a
     token), so the optimum is known: emit token 7."""
     mcfg = SIZES["test"].replace(vocab_size=16, max_len=32)
@@ -118,7 +118,8 @@ def _toy(mesh, cfg=None):
     cfg = cfg or ppo.PPOConfig(kl_coef=0.05, epochs=2, minibatches=2)
     scfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
     roll = jax.jit(functools.partial(ppo.rollout, policy_model=model, value_model=model,
-                                     sample_cfg=scfg, eos_id=1, pad_id=0, temperature=1.0))
+                                     sample_cfg=scfg, eos_id=1, pad_id=0, temperature=1.0,
+                                     with_values=with_values))
     upd = jax.jit(functools.partial(ppo.ppo_update, policy_model=model, value_model=model,
                                     policy_opt=opt, value_opt=opt, cfg=cfg, q=4))
     adv = jax.jit(functools.partial(ppo.advantages, cfg=cfg))
@@ -149,25 +150,90 @@ def test_toy_task_ppo_raises_score_with_finite_smooth_kl():
     scores, kls = [], []
     with sharding.activate(mesh):
         for it in range(25):
+            sampled_with = st.policy.params
             st, m, r = _toy_iteration(st, ref, roll, upd, adv, it, prompts, masks)
             scores.append(float(m["objective/score"]))
             kls.append(float(m["objective/kl"]))
     assert np.mean(scores[-5:]) > np.mean(scores[:5]) + 0.5, scores
     assert all(np.isfinite(kls)) and max(kls) < 50
     assert np.mean(kls[-5:]) > np.mean(kls[:3])  # the policy moved away from π0
-    # the sampler's logprobs equal the recomputed full-forward ones (same π, temperature 1)
-    np.testing.assert_allclose(r["sampler_logp_BxR"] * r["mask_BxR"],
-                               r["logp_BxR"] * r["mask_BxR"], atol=1e-4)
+    # the rollout's log π (the sampler's) equals a full forward's (same π, temperature 1)
+    logp, _ = ppo.response_logprobs(sampled_with, r["tokens_BxT"], r["mask_BxT"], 4,
+                                    model=Transformer(SIZES["test"].replace(vocab_size=16,
+                                                                            max_len=32)))
+    np.testing.assert_allclose(r["logp_BxR"] * r["mask_BxR"], logp * r["mask_BxR"], atol=1e-4)
 
 
-def test_ppo_step_sharded_equals_single_device(eight_devices):
+@pytest.mark.parametrize("tie", [True, False])
+def test_response_logits_equal_full_logits_sliced(tie):
+    """The LM head applied at the R response positions only == the full forward's logits
+    there; log π and entropies == a numpy log-softmax of those logits."""
+    mcfg = SIZES["test"].replace(vocab_size=64, max_len=32, tie_embeddings=tie)
+    model = Transformer(mcfg)
+    params = model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
+    import flax.linen as nn
+
+    params = nn.unbox(params)
+    q, t = 5, 12
+    tokens = jax.random.randint(jax.random.key(1), (3, t), 0, 64)
+    mask = jnp.arange(t)[None] >= jnp.array([[0], [2], [4]])  # left padding
+    full = model.apply(params, tokens, mask_BxL=mask)["logits_BxLxV"][:, q - 1:-1]
+    got = ppo.response_logits(params, tokens, mask, q, model=model)
+    chex.assert_shape(got, (3, t - q, 64))
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+    temp = 0.7
+    logp, ent = ppo.response_logprobs(params, tokens, mask, q, model=model, temperature=temp)
+    z = np.asarray(full, np.float64) / temp
+    ref = z - z.max(-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    np.testing.assert_allclose(logp, np.take_along_axis(ref, np.asarray(tokens)[:, q:, None],
+                                                        -1)[..., 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent, -(np.exp(ref) * ref).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_sampler_logprobs_equal_recomputed():
+    """reuse_sampler_logprobs (the default) changes nothing but where log π comes from:
+    same samples, log π0, values; log π and entropies equal a full forward's."""
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    st, ref, _, _, _, _ = _toy(mesh)
+    mcfg = SIZES["test"].replace(vocab_size=16, max_len=32)
+    model = Transformer(mcfg)
+    prompts = jax.random.randint(jax.random.key(3), (6, 4), 2, 16)
+    masks = jnp.arange(4)[None] >= jnp.array([[0], [1], [0], [2], [0], [0]])
+    outs = {}
+    for reuse in (True, False):
+        for temp in (1.0, 0.6):
+            scfg = sampling.SamplingConfig(max_new_tokens=8, temperature=temp)
+            roll = jax.jit(functools.partial(
+                ppo.rollout, policy_model=model, value_model=model, sample_cfg=scfg, eos_id=1,
+                pad_id=0, temperature=temp, reuse_sampler_logprobs=reuse))
+            outs[reuse, temp] = jax.device_get(roll(st.policy.params, ref, st.value.params,
+                                                    prompts, masks, jax.random.key(7)))
+    for temp in (1.0, 0.6):
+        a, b = outs[True, temp], outs[False, temp]
+        assert a["ended_B"].any() and not a["ended_B"].all()  # both kinds of rows
+        for k in ("tokens_BxT", "mask_BxT", "lengths_B", "ref_logp_BxR", "values_BxR"):
+            np.testing.assert_array_equal(a[k], b[k])
+        m = a["mask_BxR"]
+        np.testing.assert_allclose(a["logp_BxR"][m], b["logp_BxR"][m], atol=1e-4)
+        np.testing.assert_allclose(a["entropy_BxR"][m], b["entropy_BxR"][m], atol=1e-4)
+        assert (a["logp_BxR"][~m] == 0).all() and (a["entropy_BxR"][~m] == 0).all()
+    scfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        ppo.rollout(st.policy.params, ref, st.value.params, prompts, masks, jax.random.key(7),
+                    policy_model=model, value_model=model, sample_cfg=scfg, eos_id=1, pad_id=0,
+                    temperature=0.5)
+
+
+@pytest.mark.parametrize("with_values", [True, False])  # False: the single-pass update
+def test_ppo_step_sharded_equals_single_device(eight_devices, with_values):
     prompts = jnp.tile(jnp.array([[3, 4, 5, 6]], jnp.int32), (8, 1))
     masks = jnp.ones_like(prompts, bool)
     cfg = ppo.PPOConfig(kl_coef=0.05, epochs=1, minibatches=1)
     out = []
     for mesh in (sharding.make_mesh((1, 1, 1), eight_devices[:1]),
                  sharding.make_mesh((2, 2, 2), eight_devices)):
-        st, ref, roll, upd, adv, _ = _toy(mesh, cfg)
+        st, ref, roll, upd, adv, _ = _toy(mesh, cfg, with_values)
         with sharding.activate(mesh):
             p = jax.device_put(prompts, sharding.batch_sharding(mesh))
             m_ = jax.device_put(masks, sharding.batch_sharding(mesh))
@@ -175,6 +241,44 @@ def test_ppo_step_sharded_equals_single_device(eight_devices):
         out.append((jax.device_get(st.policy.params), float(m["ppo/policy/loss"])))
     np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-4, atol=1e-6)
     chex.assert_trees_all_close(out[0][0], out[1][0], rtol=1e-3, atol=2e-5)
+
+
+def test_single_pass_update_equals_values_from_the_rollout():
+    """K = 1, one minibatch: values from the update's own forward (no value pass in the
+    rollout) give the same step and the same metrics as values computed in the rollout."""
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    cfg = ppo.PPOConfig(kl_coef=0.05, epochs=1, minibatches=1)
+    assert ppo.single_pass(cfg) and not ppo.single_pass(ppo.PPOConfig(epochs=2))
+    st, ref, _, upd, adv, _ = _toy(mesh, cfg)
+    model = Transformer(SIZES["test"].replace(vocab_size=16, max_len=32))
+    prompts = jnp.tile(jnp.array([[3, 4, 5, 6]], jnp.int32), (8, 1))
+    masks = jnp.ones_like(prompts, bool)
+    scfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
+    outs = []
+    for with_values in (True, False):
+        roll = jax.jit(functools.partial(
+            ppo.rollout, policy_model=model, value_model=model, sample_cfg=scfg, eos_id=1,
+            pad_id=0, temperature=1.0, with_values=with_values))
+        with sharding.activate(mesh):
+            r = roll(st.policy.params, ref, st.value.params, prompts, masks, jax.random.key(2))
+            assert ("values_BxR" in r) == with_values
+            score = (r["tokens_BxT"][:, 4:] == 7).sum(1).astype(jnp.float32) * 0.5
+            batch, m = adv(r, score, 0.05)
+            assert ("adv_BxR" in batch) == with_values
+            new, stats = upd(st, batch)
+        outs.append((jax.device_get(new), jax.device_get({**m, **stats})))
+    (a, ma), (b, mb) = outs
+    assert set(ma) == set(mb)
+    for k in ma:
+        np.testing.assert_allclose(ma[k], mb[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # Adam's first step is ≈ lr·sign(g): tolerances as for the sharded step below
+    chex.assert_trees_all_close(a.policy.params, b.policy.params, rtol=1e-3, atol=2e-5)
+    chex.assert_trees_all_close(a.value.params, b.value.params, rtol=1e-3, atol=2e-5)
+    # more than one pass over the batch needs the rollout's values
+    multi = ppo.PPOConfig(epochs=2, minibatches=1)
+    with pytest.raises(ValueError, match="epochs == minibatches == 1"):
+        ppo.ppo_update(st, batch, policy_model=model, value_model=model,
+                       policy_opt=optax.adam(1e-3), value_opt=optax.adam(1e-3), cfg=multi, q=4)
 
 
 EXPERIMENT = '''"""PPO resume test. Command: hh-jax run {path} --workdir DIR"""
