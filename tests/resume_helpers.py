@@ -44,3 +44,20 @@ def assert_same_params(export_a, export_b) -> None:
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
                             strict=True):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def run_whole_and_resumed(experiment: str, tmp_path, stage: str, kill_at: int) -> tuple:
+    """Runs `experiment` uninterrupted into tmp_path/a, and into tmp_path/b killed (SIGKILL)
+    after the checkpoint of step ≥ kill_at, then resumed; asserts the stage's exported params
+    are bitwise equal. Returns (step killed at, summary a, summary b)."""
+    from hh_jax import metrics
+
+    subprocess.run(run_cmd(experiment, tmp_path / "a"), check=True, env=ENV,
+                   capture_output=True)
+    killed = kill_after_checkpoint(run_cmd(experiment, tmp_path / "b"),
+                                   tmp_path / "b" / stage / "checkpoints", kill_at)
+    assert not (tmp_path / "b" / stage / "summary.json").exists()
+    subprocess.run(run_cmd(experiment, tmp_path / "b"), check=True, env=ENV,
+                   capture_output=True)
+    assert_same_params(tmp_path / "a" / stage / "params", tmp_path / "b" / stage / "params")
+    return killed, *(metrics.read_summary(tmp_path / w / stage) for w in ("a", "b"))

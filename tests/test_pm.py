@@ -4,7 +4,6 @@ import functools
 import gzip
 import json
 import os
-import subprocess
 import sys
 
 import chex
@@ -14,9 +13,9 @@ import numpy as np
 import optax
 import pytest
 from ml_collections import ConfigDict
-from resume_helpers import ENV, assert_same_params, kill_after_checkpoint, run_cmd
+from resume_helpers import run_whole_and_resumed
 
-from hh_jax import checkpoint, data, evaluate, experiment, loaders, metrics, pm, sharding, state
+from hh_jax import checkpoint, data, evaluate, experiment, loaders, pm, sharding, state
 from hh_jax.model import SIZES, ScalarHead, Transformer
 from hh_jax.tokenizer import ByteTokenizer
 
@@ -186,13 +185,8 @@ def test_pm_stage_sigkill_resume_is_bitwise(tmp_path):
     exp = tmp_path / "exp.py"
     exp.write_text(EXPERIMENT.format(path=exp, tests=os.path.dirname(__file__),
                                      root=str(tmp_path / "data")))
-    subprocess.run(run_cmd(str(exp), tmp_path / "a"), check=True, env=ENV, capture_output=True)
-    killed = kill_after_checkpoint(run_cmd(str(exp), tmp_path / "b"),
-                                   tmp_path / "b" / "pm" / "checkpoints", 4)
-    assert killed < 16 and not (tmp_path / "b" / "pm" / "summary.json").exists()
-    subprocess.run(run_cmd(str(exp), tmp_path / "b"), check=True, env=ENV, capture_output=True)
-    assert_same_params(tmp_path / "a" / "pm" / "params", tmp_path / "b" / "pm" / "params")
-    sa, sb = (metrics.read_summary(tmp_path / w / "pm") for w in ("a", "b"))
+    killed, sa, sb = run_whole_and_resumed(str(exp), tmp_path, "pm", 4)
+    assert killed < 16
     assert sa["eval/accuracy"] == sb["eval/accuracy"] and sa["report"] == sb["report"]
 
 

@@ -2,7 +2,6 @@
 
 import functools
 import os
-import subprocess
 import sys
 
 import chex
@@ -12,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 from ml_collections import ConfigDict
-from resume_helpers import ENV, assert_same_params, kill_after_checkpoint, run_cmd
+from resume_helpers import run_whole_and_resumed
 
-from hh_jax import checkpoint, losses, metrics, ppo, sampling, sharding, state
+from hh_jax import checkpoint, losses, ppo, sampling, sharding, state
 from hh_jax.model import SIZES, ScalarHead, Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -322,13 +321,8 @@ def test_ppo_stage_sigkill_resume_is_bitwise(tmp_path):
     exp = tmp_path / "exp.py"
     exp.write_text(EXPERIMENT.format(path=exp, exp=os.path.join(REPO, "experiments"),
                                      policy=str(tmp_path / "lm"), pm=str(tmp_path / "pm")))
-    subprocess.run(run_cmd(str(exp), tmp_path / "a"), check=True, env=ENV, capture_output=True)
-    killed = kill_after_checkpoint(run_cmd(str(exp), tmp_path / "b"),
-                                   tmp_path / "b" / "ppo" / "checkpoints", 2)
-    assert killed < 6 and not (tmp_path / "b" / "ppo" / "summary.json").exists()
-    subprocess.run(run_cmd(str(exp), tmp_path / "b"), check=True, env=ENV, capture_output=True)
-    assert_same_params(tmp_path / "a" / "ppo" / "params", tmp_path / "b" / "ppo" / "params")
-    sa, sb = (metrics.read_summary(tmp_path / w / "ppo") for w in ("a", "b"))
+    killed, sa, sb = run_whole_and_resumed(str(exp), tmp_path, "ppo", 2)
+    assert killed < 6
     assert sa["evals"] == sb["evals"]
     rows = [r for r in map(eval_json, open(tmp_path / "b" / "ppo" / "metrics.jsonl"))
             if "objective/kl_coef" in r]
