@@ -328,8 +328,13 @@ class Transformer(nn.Module):
         x_BxLxD, new_layer_cache = layers(cfg.n_layers)(cfg, name="layers")(
             x_BxLxD, positions_BxL, mask, layer_cache)
         hidden_BxLxD = final_norm(x_BxLxD)
-        if not with_logits and not self.is_initializing():  # PM / value: hidden states only
-            return {"logits_BxLxV": None, "hidden_BxLxD": hidden_BxLxD, "cache": None}
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_layer_cache["k"], "v": new_layer_cache["v"],
+                         "index": cache["index"] + length}
+        if not with_logits and not self.is_initializing():  # hidden states only (PM / value,
+            # or a prefill that reads its last position with `lm_head_logits`)
+            return {"logits_BxLxV": None, "hidden_BxLxD": hidden_BxLxD, "cache": new_cache}
         if cfg.tie_embeddings:
             logits_BxLxV = embed.attend(hidden_BxLxD)
         else:
@@ -338,11 +343,21 @@ class Transformer(nn.Module):
                                   name="lm_head")(hidden_BxLxD)
         logits_BxLxV = nn.with_logical_constraint(
             logits_BxLxV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
-        new_cache = None
-        if cache is not None:
-            new_cache = {"k": new_layer_cache["k"], "v": new_layer_cache["v"],
-                         "index": cache["index"] + length}
         return {"logits_BxLxV": logits_BxLxV, "hidden_BxLxD": hidden_BxLxD, "cache": new_cache}
+
+
+def lm_head_logits(params, hidden_BxLxD: Array, cfg: ModelConfig) -> Array:
+    """The Transformer's LM head (tied embedding or `lm_head`) on the given hidden states
+    only: float32 logits, as `Transformer` computes them at every position."""
+    p = params["params"]
+    dtype = jnp.dtype(cfg.dtype)
+    x = hidden_BxLxD.astype(dtype)
+    if cfg.tie_embeddings:  # nn.Embed.attend: query · embeddingᵀ in the compute dtype
+        logits_BxLxV = jnp.dot(x, p["embed"]["embedding"].astype(dtype).T)
+    else:
+        logits_BxLxV = jnp.dot(x, p["lm_head"]["kernel"].astype(dtype))
+    return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
+                                      ("act_batch", "act_length", "act_vocab"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> dict[str, Array]:

@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from hh_jax.model import Transformer, init_cache
+from hh_jax.model import Transformer, init_cache, lm_head_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +93,12 @@ def sample(params, prompt_BxQ: jax.Array, prompt_mask_BxQ: jax.Array, rng: jax.A
     r = cfg.max_new_tokens
     kv_valid_BxS = jnp.concatenate([prompt_mask_BxQ, jnp.zeros((b, r), bool)], axis=1)
     positions_BxQ = jnp.maximum(jnp.cumsum(prompt_mask_BxQ, axis=1) - 1, 0)
+    # prefill: the LM head (V wide) only at the last prompt position, the one that is read
     out = model.apply(params, prompt_BxQ, positions_BxL=positions_BxQ,
-                      cache=init_cache(model.cfg, b, q + r), kv_valid_BxS=kv_valid_BxS)
-    init = dict(i=jnp.zeros((), jnp.int32), cache=out["cache"],
-                logits_BxV=out["logits_BxLxV"][:, -1],
+                      cache=init_cache(model.cfg, b, q + r), kv_valid_BxS=kv_valid_BxS,
+                      with_logits=False)
+    logits_Bx1xV = lm_head_logits(params, out["hidden_BxLxD"][:, -1:], model.cfg)
+    init = dict(i=jnp.zeros((), jnp.int32), cache=out["cache"], logits_BxV=logits_Bx1xV[:, 0],
                 kv_valid_BxS=kv_valid_BxS, pos_B=prompt_mask_BxQ.sum(axis=1).astype(jnp.int32),
                 done_B=jnp.zeros((b,), bool), tokens_BxR=jnp.full((b, r), pad_id, jnp.int32),
                 logprobs_BxR=jnp.zeros((b, r), jnp.float32),
