@@ -19,14 +19,13 @@ import dataclasses
 import functools
 import math
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from hh_jax import losses, sampling
-from hh_jax.model import ModelConfig, ScalarHead, Transformer
+from hh_jax.model import ScalarHead, Transformer, lm_head_logits
 from hh_jax.state import TrainState
 
 
@@ -60,20 +59,6 @@ class PPOState:
     rng: jax.Array
 
 
-def lm_logits(params, hidden_BxLxD, cfg: ModelConfig):
-    """The Transformer's LM head (tied embedding or `lm_head`) on the given hidden states
-    only: float32 logits, as `Transformer` computes them at every position."""
-    p = params["params"]
-    dtype = jnp.dtype(cfg.dtype)
-    x = hidden_BxLxD.astype(dtype)
-    if cfg.tie_embeddings:  # nn.Embed.attend: query · embeddingᵀ in the compute dtype
-        logits_BxLxV = jnp.dot(x, p["embed"]["embedding"].astype(dtype).T)
-    else:
-        logits_BxLxV = jnp.dot(x, p["lm_head"]["kernel"].astype(dtype))
-    return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
-                                      ("act_batch", "act_length", "act_vocab"))
-
-
 def response_positions(tokens_BxT, q: int):
     """The R positions q−1..T−2 whose hidden states predict (or value) the response tokens."""
     b, t = tokens_BxT.shape
@@ -85,7 +70,7 @@ def response_logits(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer)
     tokens but its last layer and the LM head (V wide) only where they are read."""
     out = model.apply(params, tokens_BxT, mask_BxL=mask_BxT,
                       read_index_BxQ=response_positions(tokens_BxT, q))
-    return lm_logits(params, out["hidden_BxQxD"], model.cfg)
+    return lm_head_logits(params, out["hidden_BxQxD"], model.cfg)
 
 
 def logprobs_and_entropy(logits_BxRxV, tokens_BxR, temperature: float = 1.0):
@@ -94,6 +79,16 @@ def logprobs_and_entropy(logits_BxRxV, tokens_BxR, temperature: float = 1.0):
     logp_BxR = jnp.take_along_axis(logp_BxRxV, tokens_BxR[..., None], axis=-1)[..., 0]
     entropy_BxR = -(jnp.exp(logp_BxRxV) * logp_BxRxV).sum(-1)
     return logp_BxR, entropy_BxR
+
+
+def token_kl(logp_BxRxV, ref_logp_BxRxV):
+    """KL(π(·|prefix) ‖ π0(·|prefix)) at each position, exact over the vocabulary (≥ 0).
+
+    Summed over a response sampled from π it is an unbiased estimate of the sequence-level
+    KL(π ‖ π0) (chain rule), like the sum of log π − log π0 of the sampled tokens (k1, the
+    reward's penalty), but never negative and with far less variance: what the evaluation
+    reports and the √KL law is fitted on (RLHF_PRACTICE §1.2: "negative KL")."""
+    return jnp.sum(jnp.exp(logp_BxRxV) * (logp_BxRxV - ref_logp_BxRxV), axis=-1)
 
 
 def response_logprobs(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer,

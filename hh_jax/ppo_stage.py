@@ -97,13 +97,18 @@ def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, promp
     mask_BxR = jnp.arange(sample_cfg.max_new_tokens)[None] < s["lengths_B"][:, None]
     tokens = jnp.concatenate([s["prompt_BxQ"], s["tokens_BxR"]], 1)
     mask = jnp.concatenate([s["prompt_mask_BxQ"], mask_BxR], 1)
-    logp, _ = ppo.response_logprobs(policy_params, tokens, mask, q, model=policy_model,
-                                    temperature=temperature)
-    ref, _ = ppo.response_logprobs(ref_params, tokens, mask, q, model=policy_model,
-                                   temperature=temperature)
+    logp_BxRxV, ref_BxRxV = (jax.nn.log_softmax(ppo.response_logits(
+        p, tokens, mask, q, model=policy_model) / temperature, axis=-1)
+        for p in (policy_params, ref_params))
+    response = s["tokens_BxR"][..., None]
+    k1_BxR = (jnp.take_along_axis(logp_BxRxV, response, -1)
+              - jnp.take_along_axis(ref_BxRxV, response, -1))[..., 0]
     pm_tokens, _, pm_len = ppo.with_eoc(s["prompt_BxQ"], s["prompt_mask_BxQ"], s["tokens_BxR"],
                                         s["lengths_B"], s["ended_B"], tok.eoc_id)
-    out = {"kl_B": ((logp - ref) * mask_BxR).sum(1), "tokens_BxR": s["tokens_BxR"],
+    # kl_B: exact per-token KL summed over the response (≥ 0, low variance); kl_sample_B:
+    # the sampled log π − log π0 (k1, what the reward penalises); same expectation
+    out = {"kl_B": (ppo.token_kl(logp_BxRxV, ref_BxRxV) * mask_BxR).sum(1),
+           "kl_sample_B": (k1_BxR * mask_BxR).sum(1), "tokens_BxR": s["tokens_BxR"],
            "lengths_B": s["lengths_B"],
            "score_B": ppo.pm_score(pm_params, pm_tokens, pm_len, model=pm_model)}
     if test_pm_params is not None:
@@ -135,7 +140,8 @@ def write_samples(path: str, tok, prompts: list[str], out: dict) -> None:
         for i, p in enumerate(prompts):
             n = int(out["lengths_B"][i])
             row = {"prompt": p, "response": tok.decode(out["tokens_BxR"][i][:n]),
-                   "score": float(out["score_B"][i]), "kl": float(out["kl_B"][i])}
+                   "score": float(out["score_B"][i]), "kl": float(out["kl_B"][i]),
+                   "kl_sample": float(out["kl_sample_B"][i])}
             if "test_score_B" in out:
                 row["test_score"] = float(out["test_score_B"][i])
             f.write(json.dumps(row) + "\n")
@@ -222,7 +228,8 @@ def _evaluate(fns, st, ref_params, pm, test_pm, ev_tokens, ev_masks, cfg, it) ->
         st.policy.params, ref_params, pm.params, None if test_pm is None else test_pm.params,
         ev_tokens, ev_masks, jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), 0)))
     m = {"iteration": it, "eval/score": float(out["score_B"].mean()),
-         "eval/kl": float(out["kl_B"].mean()), "eval/length": float(out["lengths_B"].mean())}
+         "eval/kl": float(out["kl_B"].mean()), "eval/kl_sample": float(out["kl_sample_B"].mean()),
+         "eval/length": float(out["lengths_B"].mean())}
     if "test_score_B" in out:
         m["eval/test_score"] = float(out["test_score_B"].mean())
     return m, out

@@ -323,7 +323,7 @@ def ppo_points(summary: dict, rows: list[dict]) -> tuple[np.ndarray, np.ndarray,
 
 def ppo_section(page: Page, name: str, summary: dict, rows: list[dict], stage_dir: str) -> None:
     _curves(page, rows, [["objective/score", "eval/score", "eval/test_score"],
-                         ["objective/kl", "eval/kl"], ["ppo/policy/clipfrac"],
+                         ["objective/kl", "eval/kl", "eval/kl_sample"], ["ppo/policy/clipfrac"],
                          ["ppo/val/var_explained"]], f"{name}_curves", f"{name}: PM score, "
             "KL(π‖π0), clip fraction and value variance explained against iteration")
     kl, score, key = ppo_points(summary, rows)
