@@ -214,7 +214,7 @@ def collect(root: str) -> list[dict]:
 
 
 def sweep_report(page, root: str) -> None:
-    from hh_jax import report
+    from hh_jax import report, sweep_rl
 
     info = report.read_json(os.path.join(root, "sweep.json"), {})
     rows = collect(root)
@@ -222,6 +222,14 @@ def sweep_report(page, root: str) -> None:
               f"{root}. "
               "P = non-embedding parameters, D = training comparisons, accuracy on the held-out "
               "HH pairs with a 95% Wilson interval.")
+    if any(r["stage"] for r in rows):
+        _pm_part(page, rows)
+    sweep_rl.section(page, root, member_dirs(root))
+    page.links([(f"{r['member']} report", f"{r['member']}/report.html") for r in rows
+                if os.path.exists(os.path.join(root, r["member"], "report.html"))])
+
+
+def _pm_part(page, rows: list[dict]) -> None:
     done = [r for r in rows if r["complete"]]
     page.table(["member", "PM stage", "size", "P", "D", "accuracy", "95% CI", "longer wins"],
                [[r["member"], r["stage"], r.get("size"), r.get("P"), r.get("D"), r.get("acc"),
@@ -237,8 +245,6 @@ def sweep_report(page, root: str) -> None:
     fits.append(["paper eq. A.1 (helpful only, 13M–52B)", *PAPER_FIT.values(), float("nan")])
     page.heading("Fit: acc ≈ a + b·ln(P/1e11) + c·ln(D/8e4)", 3)
     page.table(["fit", "a", "b", "c", "R²"], fits)
-    page.links([(f"{r['member']} report", f"{r['member']}/report.html") for r in rows
-                if os.path.exists(os.path.join(root, r["member"], "report.html"))])
 
 
 def _scaling_plot(page, stage: str, group: list[dict], fit: dict) -> None:
