@@ -14,9 +14,10 @@ PM, half "b": the robustness protocol of §4.2) → ppo → bon. The PMs have th
 (all start from that size's LM, as in the paper). Members of one size share lm … pm_test
 (the local sweep links them), so only ppo and bon run again for each λ_KL.
 Hardware and runtime:
-    "tiny" size "test" × λ_KL 0.001, 0.1: 2 members, a few minutes on 2 CPU cores.
-    "cpu"  sizes test/6M × λ_KL 0.001, 0.01, 0.1: 6 members on 2 CPU cores, roughly 2 hours
-           (not measured as a whole; BENCHMARKS.md has the stages that were).
+    "tiny" size "test" × λ_KL 0.001, 0.1: 2 members, about 5 minutes on 2 CPU cores.
+    "cpu"  sizes test/6M × λ_KL 0.001, 0.01, 0.1: 6 members on 2 CPU cores, roughly 1–2
+           hours (not measured as a whole: a 6M member's ppo + bon took 8.5 minutes,
+           BENCHMARKS.md).
     ""     paper sizes 13M/42M/197M × λ_KL 0.001, 0.01, 0.1 (9 members), responses ≤ 128
            tokens: a GPU or TPU slice (launch/), hours.
 Expected: the test-PM score rises roughly linearly in √KL early in training (PAPER.md §4.3,
