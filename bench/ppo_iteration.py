@@ -75,12 +75,10 @@ def main():
     v_params, _ = state.init_params(boxed_v, mesh)
     pm_params, _ = state.init_params(boxed_pm, mesh)
     opt = optax.adam(1e-5)
-    sh = lambda p: state.state_shardings(jax.tree_util.tree_map(lambda x: x.sharding, p),  # noqa
-                                         opt, jax.eval_shape(lambda: p), mesh)
-    st = ppo.PPOState(policy=state.init_state(jax.tree_util.tree_map(jnp.copy, lm_params), opt,
-                                              sh(lm_params)),
-                      value=state.init_state(v_params, opt, sh(v_params)),
-                      rng=jax.device_put(jax.random.PRNGKey(0), sharding.replicated(mesh)))
+    st = ppo.PPOState(
+        policy=ppo_stage.train_state(jax.tree_util.tree_map(jnp.copy, lm_params), opt, mesh)[0],
+        value=ppo_stage.train_state(v_params, opt, mesh)[0],
+        rng=jax.device_put(jax.random.PRNGKey(0), sharding.replicated(mesh)))
     pcfg = ppo.PPOConfig(epochs=1, minibatches=1,
                          reuse_sampler_logprobs=not a.recompute_logprobs)
     scfg = sampling.SamplingConfig(max_new_tokens=a.response, temperature=pcfg.temperature)

@@ -299,9 +299,7 @@ class Transformer(nn.Module):
                                   branch_ids_BxL, branch_ids_BxL)
         else:
             mask = attention_mask(cache["index"] + jnp.arange(length), kv_valid_BxS)
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
-                         param_dtype=jnp.dtype(cfg.param_dtype), name="embed",
-                         embedding_init=_init(cfg.d_model ** -0.5, ("vocab", "embed")))
+        embed = _embed(cfg, name="embed")
         x_BxLxD = embed(tokens_BxL)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
@@ -335,29 +333,37 @@ class Transformer(nn.Module):
         if not with_logits and not self.is_initializing():  # hidden states only (PM / value,
             # or a prefill that reads its last position with `lm_head_logits`)
             return {"logits_BxLxV": None, "hidden_BxLxD": hidden_BxLxD, "cache": new_cache}
-        if cfg.tie_embeddings:
-            logits_BxLxV = embed.attend(hidden_BxLxD)
-        else:
-            logits_BxLxV = Linear((cfg.vocab_size,), 1, ("embed", "vocab"), cfg.d_model ** -0.5,
-                                  jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
-                                  name="lm_head")(hidden_BxLxD)
-        logits_BxLxV = nn.with_logical_constraint(
-            logits_BxLxV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
-        return {"logits_BxLxV": logits_BxLxV, "hidden_BxLxD": hidden_BxLxD, "cache": new_cache}
+        head = embed.attend if cfg.tie_embeddings else _untied_head(cfg, name="lm_head")
+        return {"logits_BxLxV": _float32_logits(head(hidden_BxLxD)),
+                "hidden_BxLxD": hidden_BxLxD, "cache": new_cache}
+
+
+def _embed(cfg: ModelConfig, name: str | None = None) -> nn.Embed:
+    return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                    param_dtype=jnp.dtype(cfg.param_dtype), name=name,
+                    embedding_init=_init(cfg.d_model ** -0.5, ("vocab", "embed")))
+
+
+def _untied_head(cfg: ModelConfig, name: str | None = None) -> Linear:
+    return Linear((cfg.vocab_size,), 1, ("embed", "vocab"), cfg.d_model ** -0.5,
+                  jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
+
+
+def _float32_logits(logits_BxLxV: Array) -> Array:
+    return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
+                                      ("act_batch", "act_length", "act_vocab"))
 
 
 def lm_head_logits(params, hidden_BxLxD: Array, cfg: ModelConfig) -> Array:
-    """The Transformer's LM head (tied embedding or `lm_head`) on the given hidden states
-    only: float32 logits, as `Transformer` computes them at every position."""
+    """The Transformer's LM head (the tied embedding or `lm_head`, the same modules) on the
+    given hidden states only: float32 logits, as `Transformer` computes at every position."""
     p = params["params"]
-    dtype = jnp.dtype(cfg.dtype)
-    x = hidden_BxLxD.astype(dtype)
-    if cfg.tie_embeddings:  # nn.Embed.attend: query · embeddingᵀ in the compute dtype
-        logits_BxLxV = jnp.dot(x, p["embed"]["embedding"].astype(dtype).T)
+    if cfg.tie_embeddings:
+        logits_BxLxV = _embed(cfg).apply({"params": p["embed"]}, hidden_BxLxD,
+                                         method=nn.Embed.attend)
     else:
-        logits_BxLxV = jnp.dot(x, p["lm_head"]["kernel"].astype(dtype))
-    return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
-                                      ("act_batch", "act_length", "act_vocab"))
+        logits_BxLxV = _untied_head(cfg).apply({"params": p["lm_head"]}, hidden_BxLxD)
+    return _float32_logits(logits_BxLxV)
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> dict[str, Array]:

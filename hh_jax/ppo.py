@@ -73,12 +73,16 @@ def response_logits(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer)
     return lm_head_logits(params, out["hidden_BxQxD"], model.cfg)
 
 
-def logprobs_and_entropy(logits_BxRxV, tokens_BxR, temperature: float = 1.0):
-    """log p(token) and the entropy of each row's tempered distribution."""
-    logp_BxRxV = jax.nn.log_softmax(logits_BxRxV / temperature, axis=-1)
-    logp_BxR = jnp.take_along_axis(logp_BxRxV, tokens_BxR[..., None], axis=-1)[..., 0]
-    entropy_BxR = -(jnp.exp(logp_BxRxV) * logp_BxRxV).sum(-1)
-    return logp_BxR, entropy_BxR
+def response_log_softmax(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer,
+                         temperature: float = 1.0):
+    """log π(· | prefix) over the whole vocabulary at the R response positions, tempered."""
+    logits_BxRxV = response_logits(params, tokens_BxT, mask_BxT, q, model=model)
+    return jax.nn.log_softmax(logits_BxRxV / temperature, axis=-1)
+
+
+def token_logprobs(logp_BxRxV, tokens_BxR):
+    """log p of the given token at each position."""
+    return jnp.take_along_axis(logp_BxRxV, tokens_BxR[..., None], axis=-1)[..., 0]
 
 
 def token_kl(logp_BxRxV, ref_logp_BxRxV):
@@ -94,8 +98,10 @@ def token_kl(logp_BxRxV, ref_logp_BxRxV):
 def response_logprobs(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer,
                       temperature: float = 1.0):
     """log π(response token t | prefix) for the R tokens after position q, and entropies."""
-    logits_BxRxV = response_logits(params, tokens_BxT, mask_BxT, q, model=model)
-    return logprobs_and_entropy(logits_BxRxV, tokens_BxT[:, q:], temperature)
+    logp_BxRxV = response_log_softmax(params, tokens_BxT, mask_BxT, q, model=model,
+                                      temperature=temperature)
+    entropy_BxR = -(jnp.exp(logp_BxRxV) * logp_BxRxV).sum(-1)
+    return token_logprobs(logp_BxRxV, tokens_BxT[:, q:]), entropy_BxR
 
 
 def values_of(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer):

@@ -81,7 +81,8 @@ def value_params_from_pm(pm: Frozen, mode: str):
     return {"backbone": pm.params["backbone"], "head": head}
 
 
-def _train_state(params, optimizer, mesh):
+def train_state(params, optimizer, mesh):
+    """A TrainState of `params` for `optimizer`, sharded like the params (and its shardings)."""
     abstract = jax.eval_shape(lambda: params)
     p_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
     st_sh = state.state_shardings(p_sh, optimizer, abstract, mesh)
@@ -97,12 +98,11 @@ def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, promp
     mask_BxR = jnp.arange(sample_cfg.max_new_tokens)[None] < s["lengths_B"][:, None]
     tokens = jnp.concatenate([s["prompt_BxQ"], s["tokens_BxR"]], 1)
     mask = jnp.concatenate([s["prompt_mask_BxQ"], mask_BxR], 1)
-    logp_BxRxV, ref_BxRxV = (jax.nn.log_softmax(ppo.response_logits(
-        p, tokens, mask, q, model=policy_model) / temperature, axis=-1)
-        for p in (policy_params, ref_params))
-    response = s["tokens_BxR"][..., None]
-    k1_BxR = (jnp.take_along_axis(logp_BxRxV, response, -1)
-              - jnp.take_along_axis(ref_BxRxV, response, -1))[..., 0]
+    logp_BxRxV, ref_BxRxV = (ppo.response_log_softmax(p, tokens, mask, q, model=policy_model,
+                                                      temperature=temperature)
+                             for p in (policy_params, ref_params))
+    k1_BxR = (ppo.token_logprobs(logp_BxRxV, s["tokens_BxR"])
+              - ppo.token_logprobs(ref_BxRxV, s["tokens_BxR"]))
     pm_tokens, _, pm_len = ppo.with_eoc(s["prompt_BxQ"], s["prompt_mask_BxQ"], s["tokens_BxR"],
                                         s["lengths_B"], s["ended_B"], tok.eoc_id)
     # kl_B: exact per-token KL summed over the response (≥ 0, low variance); kl_sample_B:
@@ -248,8 +248,8 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     ev_tokens, ev_masks = encode_prompts(tok, ev_prompts, q)
     pcfg = ppo_config(cfg, pm)
     policy_opt, value_opt = optimizers(cfg)
-    pol, _ = _train_state(jax.tree_util.tree_map(jnp.copy, policy.params), policy_opt, mesh)
-    val, _ = _train_state(value_params_from_pm(pm, cfg.value_head_init), value_opt, mesh)
+    pol, _ = train_state(jax.tree_util.tree_map(jnp.copy, policy.params), policy_opt, mesh)
+    val, _ = train_state(value_params_from_pm(pm, cfg.value_head_init), value_opt, mesh)
     # the key placed like the update's output, so its jit sees one layout and compiles once
     st = ppo.PPOState(policy=pol, value=val, rng=jax.device_put(jax.random.PRNGKey(cfg.seed),
                                                                 sharding.replicated(mesh)))

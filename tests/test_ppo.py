@@ -13,7 +13,7 @@ import pytest
 from ml_collections import ConfigDict
 from resume_helpers import run_whole_and_resumed
 
-from hh_jax import checkpoint, losses, ppo, sampling, sharding, state
+from hh_jax import checkpoint, losses, ppo, ppo_stage, sampling, sharding, state
 from hh_jax.model import SIZES, ScalarHead, Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,8 +131,8 @@ def _toy(mesh, cfg=None, with_values=True):
                           jax.random.key(2), jnp.zeros((2, mcfg.d_model)))}
     val_params, _ = state.init_params(vboxed, mesh)
     opt = optax.adam(3e-3)
-    pol, _ = _state(pol_params, opt, mesh)
-    val, _ = _state(val_params, opt, mesh)
+    pol, _ = ppo_stage.train_state(pol_params, opt, mesh)
+    val, _ = ppo_stage.train_state(val_params, opt, mesh)
     st = ppo.PPOState(policy=pol, value=val,
                       rng=jax.device_put(jax.random.PRNGKey(0), sharding.replicated(mesh)))
     cfg = cfg or ppo.PPOConfig(kl_coef=0.05, epochs=2, minibatches=2)
@@ -144,13 +144,6 @@ def _toy(mesh, cfg=None, with_values=True):
                                     policy_opt=opt, value_opt=opt, cfg=cfg, q=4))
     adv = jax.jit(functools.partial(ppo.advantages, cfg=cfg))
     return st, pol_params, roll, upd, adv, cfg
-
-
-def _state(params, opt, mesh):
-    abstract = jax.eval_shape(lambda: params)
-    sh = state.state_shardings(jax.tree_util.tree_map(lambda x: x.sharding, params), opt,
-                               abstract, mesh)
-    return state.init_state(params, opt, sh), sh
 
 
 def _toy_iteration(st, ref, roll, upd, adv, it, prompts, masks):
@@ -209,6 +202,47 @@ def test_response_logits_equal_full_logits_sliced(tie):
     np.testing.assert_allclose(logp, np.take_along_axis(ref, np.asarray(tokens)[:, q:, None],
                                                         -1)[..., 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ent, -(np.exp(ref) * ref).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_kl_is_the_exact_per_token_kl_and_k1_the_sampled_log_ratio():
+    """sample_and_score: kl_B sums the exact KL(π‖π0) of each position over the response,
+    kl_sample_B the log π − log π0 of the sampled tokens; both against numpy on the full
+    forward's logits, only the tokens up to EOS counted."""
+    import types
+
+    import flax.linen as nn
+
+    mcfg = SIZES["test"].replace(vocab_size=16, max_len=32)
+    model = Transformer(mcfg)
+    init = lambda k: nn.unbox(model.init(jax.random.key(k), jnp.zeros((2, 8), jnp.int32)))  # noqa
+    pol, ref = init(0), init(1)
+    pm = {"backbone": init(2), "head": nn.unbox(ScalarHead(mcfg.d_model, use_bias=False).init(
+        jax.random.key(3), jnp.zeros((2, mcfg.d_model))))}
+    q, r, temp = 4, 8, 0.8
+    prompts = jax.random.randint(jax.random.key(4), (6, q), 3, 16)
+    evaluate = jax.jit(functools.partial(
+        ppo_stage.sample_and_score, policy_model=model, pm_model=model, test_pm_model=None,
+        sample_cfg=sampling.SamplingConfig(max_new_tokens=r, temperature=temp),
+        tok=types.SimpleNamespace(eos_id=1, pad_id=0, eoc_id=2), temperature=temp))
+    out = jax.device_get(evaluate(pol, ref, pm, None, prompts, jnp.ones_like(prompts, bool),
+                                  jax.random.key(5)))
+    m = np.arange(r)[None] < out["lengths_B"][:, None]
+    assert not m.all()  # some responses ended early
+    tokens = jnp.concatenate([prompts, out["tokens_BxR"]], 1)
+    mask = jnp.concatenate([jnp.ones_like(prompts, bool), m], 1)
+
+    def log_softmax(params):
+        z = np.asarray(model.apply(params, tokens, mask_BxL=mask)["logits_BxLxV"],
+                       np.float64)[:, q - 1:-1] / temp
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(pol), log_softmax(ref)
+    picked = lambda x: np.take_along_axis(x, out["tokens_BxR"][..., None], -1)[..., 0]  # noqa
+    np.testing.assert_allclose(out["kl_B"], ((np.exp(lp) * (lp - lq)).sum(-1) * m).sum(1),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["kl_sample_B"], ((picked(lp) - picked(lq)) * m).sum(1),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_rollout_sampler_logprobs_equal_recomputed():
