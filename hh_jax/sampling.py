@@ -17,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from hh_jax import decode_step
 from hh_jax.model import Transformer, init_cache, lm_head_logits
 
 
@@ -26,6 +27,30 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 → greedy
     top_k: int = 0  # 0 → off
     top_p: float = 1.0  # 1 → off
+    # decode steps through `decode_step` (every layer's weights and cache apart, split once
+    # before the loop) instead of the model's stacked layer scan. None → on accelerators,
+    # where slicing stacked weights inside the loop copies them every token; off on CPU.
+    # Same results either way.
+    split_layers: bool | None = None
+
+
+def _decoder(params, model: Transformer, cfg: SamplingConfig, cache: dict):
+    """(decode(tokens_Bx1, positions_Bx1, cache, kv_valid_BxS) → (logits_BxV, cache), the
+    initial cache in the layout it takes)."""
+    split = cfg.split_layers
+    if split is None:
+        split = jax.default_backend() != "cpu"
+    if split:
+        rest, layers = decode_step.split_layers(params)
+        return (lambda tokens_Bx1, positions_Bx1, c, kv_valid_BxS: decode_step.step(
+            rest, layers, tokens_Bx1, positions_Bx1, c, kv_valid_BxS, model.cfg),
+            decode_step.split_cache(cache))
+
+    def decode(tokens_Bx1, positions_Bx1, c, kv_valid_BxS):
+        out = model.apply(params, tokens_Bx1, positions_BxL=positions_Bx1, cache=c,
+                          kv_valid_BxS=kv_valid_BxS)
+        return out["logits_BxLxV"][:, -1], out["cache"]
+    return decode, cache
 
 
 def left_align(tokens_BxQ: jax.Array, mask_BxQ: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -98,7 +123,8 @@ def sample(params, prompt_BxQ: jax.Array, prompt_mask_BxQ: jax.Array, rng: jax.A
                       cache=init_cache(model.cfg, b, q + r), kv_valid_BxS=kv_valid_BxS,
                       with_logits=False)
     logits_Bx1xV = lm_head_logits(params, out["hidden_BxLxD"][:, -1:], model.cfg)
-    init = dict(i=jnp.zeros((), jnp.int32), cache=out["cache"], logits_BxV=logits_Bx1xV[:, 0],
+    decode, cache = _decoder(params, model, cfg, out["cache"])
+    init = dict(i=jnp.zeros((), jnp.int32), cache=cache, logits_BxV=logits_Bx1xV[:, 0],
                 kv_valid_BxS=kv_valid_BxS, pos_B=prompt_mask_BxQ.sum(axis=1).astype(jnp.int32),
                 done_B=jnp.zeros((b,), bool), tokens_BxR=jnp.full((b, r), pad_id, jnp.int32),
                 logprobs_BxR=jnp.zeros((b, r), jnp.float32),
@@ -114,9 +140,9 @@ def sample(params, prompt_BxQ: jax.Array, prompt_mask_BxQ: jax.Array, rng: jax.A
         token_B = jnp.where(live_B, token_B, pad_id)
         i = c["i"]
         kv_valid_BxS = c["kv_valid_BxS"].at[:, q + i].set(live_B)
-        out = model.apply(params, token_B[:, None], positions_BxL=c["pos_B"][:, None],
-                          cache=c["cache"], kv_valid_BxS=kv_valid_BxS)
-        return dict(i=i + 1, cache=out["cache"], logits_BxV=out["logits_BxLxV"][:, -1],
+        logits_BxV, cache = decode(token_B[:, None], c["pos_B"][:, None], c["cache"],
+                                   kv_valid_BxS)
+        return dict(i=i + 1, cache=cache, logits_BxV=logits_BxV,
                     kv_valid_BxS=kv_valid_BxS, pos_B=c["pos_B"] + 1,
                     done_B=c["done_B"] | (token_B == eos_id),
                     tokens_BxR=c["tokens_BxR"].at[:, i].set(token_B),

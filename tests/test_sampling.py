@@ -174,6 +174,49 @@ def test_logprobs_match_full_forward_and_keys(setup):
     assert (other != out["tokens_BxR"]).any()
 
 
+def test_split_layer_decode_matches_the_full_forward(setup):
+    """The GPU decode step (hh_jax.decode_step: layers' weights and caches apart) on CPU:
+    the same draws as the model's scanned step, and logprobs equal to a full forward's."""
+    model, params, apply_fn = setup
+    tokens, mask = _layouts(PROMPTS)["scattered"]
+    out, loops = {}, {}
+    for unroll in (False, True):
+        run = _sampler(model, SamplingConfig(max_new_tokens=R, temperature=1.0,
+                                             split_layers=unroll))
+        out[unroll] = jax.tree_util.tree_map(np.asarray,
+                                             run(params, tokens, mask, jax.random.key(5)))
+        loops[unroll] = run.lower(params, tokens, mask, jax.random.key(5)).as_text().count(
+            "stablehlo.while")
+    assert loops[True] == loops[False] - 1  # the decode step's layer loop is gone
+    _check_logprobs(apply_fn, params, out[True], 1.0)
+    np.testing.assert_array_equal(out[True]["tokens_BxR"], out[False]["tokens_BxR"])
+
+
+def test_split_layer_decode_sharded_2x2x2_equals_single_device(setup):
+    """The split decode step with params sharded over data × fsdp × tensor (slicing a
+    sharded stacked weight keeps its sharding) draws what the unsharded scan draws."""
+    from hh_jax import sharding, state
+
+    model, params, _ = setup
+    tokens, mask = pad_prompts(PROMPTS + [[11, 12]], PAD, Q)  # 4 rows: the data axes split
+    cfg = SamplingConfig(max_new_tokens=R, temperature=1.0)
+    ref = jax.tree_util.tree_map(np.asarray, _sampler(model, cfg)(params, tokens, mask,
+                                                                   jax.random.key(6)))
+    mesh = sharding.make_mesh((2, 2, 2))
+    _, shardings = state.param_shardings(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)), mesh)
+    with sharding.activate(mesh):
+        sharded = jax.device_put(params, shardings)
+        assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+                   for x in jax.tree_util.tree_leaves(sharded))
+        run = _sampler(model, SamplingConfig(max_new_tokens=R, temperature=1.0,
+                                             split_layers=True))
+        out = jax.tree_util.tree_map(np.asarray, run(sharded, *(jax.device_put(
+            x, sharding.batch_sharding(mesh)) for x in (tokens, mask)), jax.random.key(6)))
+    np.testing.assert_array_equal(out["tokens_BxR"], ref["tokens_BxR"])
+    np.testing.assert_allclose(out["logprobs_BxR"], ref["logprobs_BxR"], atol=2e-5)
+
+
 def test_truncated_sampling_keeps_untruncated_logprobs(setup):
     model, params, apply_fn = setup
     top_k, top_p, temp = 5, 0.8, 0.7
