@@ -1,9 +1,12 @@
 """Kill-and-resume harness shared by the stage tests (LM, PM, PPO)."""
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -11,8 +14,15 @@ import numpy as np
 
 from hh_jax import checkpoint
 
-# one device, as a user's run; a low LLVM level compiles ~3x faster (tests only)
-ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
+# One device, as a user's run; a low LLVM level compiles ~3x faster (tests only). The runs
+# of one test session share a persistent compilation cache: the killed and the resumed run
+# load the executables the uninterrupted run compiled (the same programs, so the same
+# numbers) instead of compiling them again.
+_XLA_CACHE = tempfile.mkdtemp(prefix="hh_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu",
+       "JAX_COMPILATION_CACHE_DIR": _XLA_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def run_cmd(experiment: str, workdir, *extra: str) -> list[str]:

@@ -149,7 +149,8 @@ def test_corrupted_rows_inside_valid_gzip(payload):
 def test_damaged_gzip_keeps_only_intact_rows(lines, draw):
     payload = b"\n".join(lines) + b"\n"
     blob = bytearray(gzip.compress(payload, mtime=0))
-    if draw.draw(st.booleans()):
+    cut = draw.draw(st.booleans())
+    if cut:
         blob = blob[: draw.draw(st.integers(0, len(blob) - 1))]
     else:
         for pos in draw.draw(st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=3)):
@@ -165,7 +166,10 @@ def test_damaged_gzip_keeps_only_intact_rows(lines, draw):
         if damaged:  # one clean error at the line where decoding stopped; no row used
             assert items == damaged
             assert str(damaged[0]).startswith(f"{path}:{damaged[0].line}: ")
-            assert 1 <= damaged[0].line <= payload.count(b"\n") + 1
+            assert damaged[0].line >= 1
+            if cut:  # a cut stream decodes to a prefix of the payload; flipped bits can
+                # decode to garbage with more newlines than the payload has before failing
+                assert damaged[0].line <= payload.count(b"\n") + 1
         else:  # header-only damage (e.g. mtime): the file reads exactly as before
             assert [str(it) if isinstance(it, data.DataError) else vars(it) | {"source": ""}
                     for it in items] == [
