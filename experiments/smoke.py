@@ -11,8 +11,12 @@ and reports train- and test-PM scores and the √KL fit; best-of-n beside it.
 Arg: "tiny" shrinks everything to the "test" model for a seconds-long check.
 """
 
-from common import bon_config, distill_config, lm_config, pm_config, ppo_config
+import os
+
+from common import REPO, bon_config, distill_config, lm_config, pm_config, ppo_config
 from ml_collections import ConfigDict
+
+SHORT_PROMPT = os.path.join(REPO, "hh_jax", "prompts", "hhh_prompt_short.txt")
 
 
 def get_config(arg: str = "") -> ConfigDict:
@@ -20,7 +24,10 @@ def get_config(arg: str = "") -> ConfigDict:
     c.stages = ("lm", "distill", "pmp", "pm", "pm_test", "ppo", "bon")
     # CPU budget: every stage is cut to minutes; experiments/pm_hh.py trains PMs on all data
     c.lm = lm_config(steps=90)
-    c.distill = distill_config(steps=10, eval_tokens=8192, log_every=5, ckpt_every=5)
+    # the short HHH prompt (76 tokens with this tokenizer) + 48 tokens of text fit the
+    # LM's 128-token context; the default prompt (461 tokens) needs a longer-context LM
+    c.distill = distill_config(steps=10, eval_tokens=8192, log_every=5, ckpt_every=5,
+                               prompt_file=SHORT_PROMPT, seq_len=48)
     # PM stages read the last 128 tokens (context cut from the left, the response kept):
     # a 2-core CPU trains ~1-2k real tokens/s, so these see a few hundred pairs each
     c.pmp = pm_config("pmp", max_len=128)

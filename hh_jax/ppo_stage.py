@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, data, metrics, ppo, sampling, sharding, state
+from hh_jax import checkpoint, data, metrics, ppo, report, sampling, sharding, state
 from hh_jax.model import ModelConfig, ScalarHead, Transformer
 from hh_jax.optim import make_optimizer
 from hh_jax.tokenizer import load_tokenizer
@@ -117,19 +118,16 @@ def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, promp
 
 
 def sqrt_kl_fit(points: list[dict], key: str = "eval/test_score") -> dict:
-    """Least-squares score ≈ a + b·√KL over the early phase (first ⅔ of the eval points)."""
+    """`report.sqrt_kl_fit` (score ≈ a + b·√KL) over the early phase: the first ⅔ of the
+    eval points, at least 3."""
     pts = [p for p in points if key in p]
     early = pts[: max(3, -(-2 * len(pts) // 3))]
     if len(early) < 3:
         return {"n": len(early)}
-    x = np.sqrt(np.maximum([p["eval/kl"] for p in early], 0.0))
-    y = np.asarray([p[key] for p in early])
-    if np.ptp(x) < 1e-6:  # the policy has not moved: nothing to fit
+    fit = report.sqrt_kl_fit([p["eval/kl"] for p in early], [p[key] for p in early])
+    if math.isnan(fit["b"]):
         return {"n": len(early), "degenerate": True}
-    b, a = np.polyfit(x, y, 1)
-    resid = y - (a + b * x)
-    r2 = 1.0 - resid.var() / max(y.var(), 1e-12)
-    return {"intercept": float(a), "slope": float(b), "r2": float(r2), "n": len(early),
+    return {"intercept": fit["a"], "slope": fit["b"], "r2": fit["r2"], "n": len(early),
             "score_key": key}
 
 

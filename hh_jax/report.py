@@ -183,6 +183,12 @@ def stage_kind(name: str, config: dict, summary: dict) -> str:
     return "lm" if "eval/perplexity" in summary else "other"
 
 
+def stages_of_kind(config: dict, kind: str) -> list[str]:
+    """The config's stages of one kind (`stage_kind`, judged from the config alone), in
+    run order."""
+    return [s for s in config.get("stages", []) if stage_kind(s, config, {}) == kind]
+
+
 # ----------------------------------------------------------------------------- sections
 def _curves(page: Page, rows: list[dict], panels: list[list[str]], name: str, title: str,
             hlines: dict[str, float] | None = None) -> None:
@@ -296,7 +302,7 @@ def _accuracy_plot(page: Page, name: str, rep: dict) -> None:
 def sqrt_kl_fit(kl, score) -> dict:
     """Least-squares score ≈ a + b·√KL (PAPER.md §4.3) with its R²."""
     x, y = np.sqrt(np.maximum(np.asarray(kl, np.float64), 0)), np.asarray(score, np.float64)
-    if len(x) < 2 or np.ptp(x) == 0:
+    if len(x) < 2 or np.ptp(x) < 1e-6:  # the policy has not moved: nothing to fit
         return {"a": float("nan"), "b": float("nan"), "r2": float("nan"), "n": len(x)}
     b, a = np.polyfit(x, y, 1)
     resid = y - (a + b * x)

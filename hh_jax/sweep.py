@@ -167,11 +167,8 @@ def fit_scaling(p, d, acc) -> dict:
 def _pm_stage(config: dict) -> str | None:
     from hh_jax import report
 
-    stages = list(config.get("stages", []))
-    if "pm" in stages:
-        return "pm"
-    pms = [s for s in stages if report.stage_kind(s, config, {}) == "pm"]
-    return pms[-1] if pms else None
+    pms = report.stages_of_kind(config, "pm")
+    return "pm" if "pm" in pms else (pms[-1] if pms else None)
 
 
 def member_dirs(root: str) -> list[str]:

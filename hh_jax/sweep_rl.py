@@ -18,8 +18,7 @@ from hh_jax import report
 
 
 def _stage(config: dict, kind: str) -> str | None:
-    return next((s for s in config.get("stages", []) if report.stage_kind(s, config, {}) == kind),
-                None)
+    return next(iter(report.stages_of_kind(config, kind)), None)
 
 
 def collect(root: str, members: list[str]) -> list[dict]:

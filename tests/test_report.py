@@ -144,6 +144,21 @@ def test_sqrt_kl_fit_recovers_planted_line():
     assert math.isnan(report.sqrt_kl_fit([1.0], [2.0])["b"])
 
 
+def test_ppo_stage_fit_uses_the_early_two_thirds_only():
+    from hh_jax import ppo_stage
+
+    kl = np.linspace(0.5, 9.0, 9)
+    score = 1.0 + 0.3 * np.sqrt(kl)
+    score[6:] = 0.0  # a late collapse (over-optimisation) outside the early phase
+    pts = [{"eval/kl": k, "eval/test_score": s} for k, s in zip(kl, score, strict=True)]
+    fit = ppo_stage.sqrt_kl_fit(pts)
+    assert fit["n"] == 6 and fit["r2"] == pytest.approx(1.0)
+    assert fit["intercept"] == pytest.approx(1.0) and fit["slope"] == pytest.approx(0.3)
+    still = [{"eval/kl": 0.0, "eval/test_score": s} for s in (1.0, 2.0, 3.0)]
+    assert ppo_stage.sqrt_kl_fit(still) == {"n": 3, "degenerate": True}
+    assert ppo_stage.sqrt_kl_fit(pts[:2]) == {"n": 2}
+
+
 def test_metrics_of_a_resumed_run_keep_one_row_per_step(tmp_path):
     w = metrics.MetricsWriter(str(tmp_path))
     for step, loss in [(2, 5.0), (4, 4.0), (4, 3.5), (6, 3.0)]:  # step 4 logged again
