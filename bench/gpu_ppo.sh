@@ -16,7 +16,7 @@
 # Needs jax (CUDA), flax, optax, orbax, ml_collections, torch and transformers.
 set -uo pipefail
 out=${1:-/tmp/hh_jax_gpu}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the script changes directory
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}

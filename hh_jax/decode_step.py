@@ -8,7 +8,8 @@ Here the weights are split once, before the loop, and each layer keeps its own c
 step runs the layers' own kernels only (438 per token, no weight copies). Measured with
 bench/sampler_vs_generate.py on that H200: 24,637 → 51,982 new tokens/s at batch 64,
 45,706 → 127,612 at batch 256, 789 → 881 at batch 1. Same modules (`Block`, `RMSNorm`, the
-embedding and LM head), so the same numbers as `Transformer` with a cache.
+embedding and LM head), so the same computation as `Transformer` with a cache: identical
+numbers in float32 (tested on CPU); in bf16, XLA may round intermediates at other places.
 """
 
 from __future__ import annotations
@@ -20,13 +21,24 @@ import jax.numpy as jnp
 from hh_jax.model import Block, ModelConfig, RMSNorm, _embed, attention_mask, lm_head_logits
 
 
-def split_layers(params) -> tuple[dict, tuple[dict, ...]]:
-    """(the params outside the layers, one param tree per layer); call outside the loop."""
+def split_layers(params, cfg: ModelConfig) -> tuple[dict, tuple[dict, ...]]:
+    """(the params outside the layers, one param tree per layer); call outside the loop.
+
+    The copies are held while the loop runs, so matmul kernels are cast to the compute
+    dtype here (what `Linear` does at every call anyway: the same numbers): under bf16
+    compute with float32 master weights the copy is half their size. Norm scales stay.
+    """
     p = params["params"]
     stacked = nn.unbox(p["layers"])
-    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    dtype = jnp.dtype(cfg.dtype)
+
+    def take(path, x, i):
+        x = x[i]
+        return x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x
+
     return ({k: v for k, v in p.items() if k != "layers"},
-            tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)))
+            tuple(jax.tree_util.tree_map_with_path(lambda path, x, i=i: take(path, x, i),
+                                                   stacked) for i in range(cfg.n_layers)))
 
 
 def split_cache(cache: dict) -> dict:
@@ -42,6 +54,7 @@ def step(rest: dict, layers: tuple[dict, ...], tokens_Bx1: jax.Array, positions_
     index = cache["index"]
     mask = attention_mask(index + jnp.arange(1), kv_valid_BxS)
     x_Bx1xD = _embed(cfg).apply({"params": rest["embed"]}, tokens_Bx1)
+    x_Bx1xD = nn.with_logical_constraint(x_Bx1xD, ("act_batch", "act_length", "act_embed"))
     new_layers = []
     for params, c in zip(layers, cache["layers"], strict=True):
         x_Bx1xD, new = Block(cfg).apply({"params": params}, x_Bx1xD, positions_Bx1, mask,

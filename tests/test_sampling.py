@@ -192,6 +192,32 @@ def test_split_layer_decode_matches_the_full_forward(setup):
     np.testing.assert_array_equal(out[True]["tokens_BxR"], out[False]["tokens_BxR"])
 
 
+def test_split_layer_decode_in_bfloat16_keeps_the_scan_numbers(setup):
+    """Mixed precision (float32 params, bf16 compute): the split weights are held in bf16
+    (norm scales in float32), and greedy decoding matches the scanned step's tokens, with
+    logprobs equal up to bf16 rounding (XLA may round the two programs' bf16 intermediates
+    at different places; a sampled draw near a CDF boundary could then differ)."""
+    from hh_jax import decode_step
+
+    _, params, _ = setup
+    model = Transformer(CFG.replace(dtype="bfloat16"))
+    _, layers = decode_step.split_layers(params, model.cfg)
+    assert len(layers) == CFG.n_layers
+    assert layers[0]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
+    assert layers[0]["mlp"]["down"]["kernel"].dtype == jnp.bfloat16
+    assert layers[0]["attn_norm"]["scale"].dtype == jnp.float32
+    tokens, mask = _layouts(PROMPTS)["left"]
+    out = {}
+    for split in (False, True):
+        run = _sampler(model, SamplingConfig(max_new_tokens=R, temperature=0.0,
+                                             split_layers=split))
+        out[split] = jax.tree_util.tree_map(np.asarray,
+                                            run(params, tokens, mask, jax.random.key(8)))
+    np.testing.assert_array_equal(out[True]["tokens_BxR"], out[False]["tokens_BxR"])
+    np.testing.assert_allclose(out[True]["logprobs_BxR"], out[False]["logprobs_BxR"],
+                               atol=0.05)
+
+
 def test_split_layer_decode_sharded_2x2x2_equals_single_device(setup):
     """The split decode step with params sharded over data × fsdp × tensor (slicing a
     sharded stacked weight keeps its sharding) draws what the unsharded scan draws."""
