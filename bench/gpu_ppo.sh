@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 6's GPU measurements in one go, most important first (about 8 minutes on one H200,
-# compiles included: generate()'s torch.compile takes 30-70 s per batch size). Each part
-# has its own time limit, so one that hangs or fails leaves the others' results. Writes one
-# text file per part into OUTDIR (default /tmp/hh_jax_gpu).
+# Issue 6's GPU measurements in one go, most important first (an earlier version, timing one
+# decode variant, took 6.5 minutes on one H200; generate()'s torch.compile takes 30-70 s
+# per batch size). Each part has its own time limit, so one that hangs or fails leaves the
+# others' results. Writes one text file per part into OUTDIR (default /tmp/hh_jax_gpu).
 #
 #   bash bench/gpu_ppo.sh [OUTDIR]
 #
