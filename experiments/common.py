@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Callable, Sequence
 
 from ml_collections import ConfigDict
 
@@ -169,3 +171,10 @@ def bon_config(**overrides) -> ConfigDict:
     ))
     c.update(overrides)
     return c
+
+
+def add_grid(add: Callable[..., None], axes: dict[str, Sequence]) -> None:
+    """A sweep's members: one `add(**overrides)` per point of the grid over `axes` (config
+    path → values), the first axis outermost."""
+    for values in itertools.product(*axes.values()):
+        add(**dict(zip(axes, values, strict=True)))

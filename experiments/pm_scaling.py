@@ -20,7 +20,7 @@ models are far smaller and trained on ~5k pairs, so a is lower and the CPU sizes
 chance; `hh-jax report` prints our a, b, c next to the paper's.
 """
 
-from common import DATA_FRACTIONS, lm_config, pm_config
+from common import DATA_FRACTIONS, add_grid, lm_config, pm_config
 from ml_collections import ConfigDict
 
 HELPFUL = ("helpful-base", "helpful-online", "helpful-rejection-sampled")  # eq. A.1's data
@@ -55,6 +55,4 @@ def get_config(arg: str = "") -> ConfigDict:
 
 def sweep(add, arg: str = ""):
     sizes, fractions = SWEEPS[arg]
-    for size in sizes:
-        for fraction in fractions:
-            add(**{"lm.model": size, "pm.data.fraction": fraction})
+    add_grid(add, {"lm.model": sizes, "pm.data.fraction": fractions})

@@ -26,7 +26,7 @@ at smaller KL, and best-of-n at the same KL is the reference PPO is compared wit
 CPU sizes the PMs are near chance, so the PM scores measure the mechanics, not helpfulness.
 """
 
-from common import bon_config, distill_config, lm_config, pm_config, ppo_config
+from common import add_grid, bon_config, distill_config, lm_config, pm_config, ppo_config
 from ml_collections import ConfigDict
 
 SWEEPS = {"": (("13M", "42M", "197M"), (0.001, 0.01, 0.1)),
@@ -79,6 +79,4 @@ def get_config(arg: str = "") -> ConfigDict:
 
 def sweep(add, arg: str = ""):
     sizes, kl_coefs = SWEEPS[arg]
-    for size in sizes:
-        for kl_coef in kl_coefs:
-            add(**{"lm.model": size, "ppo.ppo.kl_coef": kl_coef})
+    add_grid(add, {"lm.model": sizes, "ppo.ppo.kl_coef": kl_coefs})

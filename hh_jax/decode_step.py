@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hh_jax.model import Block, ModelConfig, RMSNorm, _embed, attention_mask, lm_head_logits
+from hh_jax.model import Block, ModelConfig, _embed, _final_norm, attention_mask, lm_head_logits
 
 
 def split_layers(params, cfg: ModelConfig) -> tuple[dict, tuple[dict, ...]]:
@@ -41,10 +41,10 @@ def split_layers(params, cfg: ModelConfig) -> tuple[dict, tuple[dict, ...]]:
                                                    stacked) for i in range(cfg.n_layers)))
 
 
-def split_cache(cache: dict) -> dict:
+def split_cache(cache: dict, cfg: ModelConfig) -> dict:
     """`Transformer`'s stacked cache (k/v_NxBxSxGxK, index) → one k/v pair per layer."""
-    n = cache["k"].shape[0]
-    return {"layers": tuple({"k": cache["k"][i], "v": cache["v"][i]} for i in range(n)),
+    return {"layers": tuple({"k": cache["k"][i], "v": cache["v"][i]}
+                            for i in range(cfg.n_layers)),
             "index": cache["index"]}
 
 
@@ -60,7 +60,6 @@ def step(rest: dict, layers: tuple[dict, ...], tokens_Bx1: jax.Array, positions_
         x_Bx1xD, new = Block(cfg).apply({"params": params}, x_Bx1xD, positions_Bx1, mask,
                                         {"k": c["k"], "v": c["v"], "index": index})
         new_layers.append({"k": new["k"], "v": new["v"]})
-    hidden_Bx1xD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)).apply(
-        {"params": rest["final_norm"]}, x_Bx1xD)
+    hidden_Bx1xD = _final_norm(cfg).apply({"params": rest["final_norm"]}, x_Bx1xD)
     logits_BxV = lm_head_logits({"params": rest}, hidden_Bx1xD, cfg)[:, -1]
     return logits_BxV, {"layers": tuple(new_layers), "index": index + 1}

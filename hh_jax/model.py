@@ -307,8 +307,7 @@ class Transformer(nn.Module):
             block, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, 0), length=n,
             metadata_params={nn.PARTITION_NAME: "layers"})
-        final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
-                             name="final_norm")
+        final_norm = _final_norm(cfg, name="final_norm")
         if read_index_BxQ is not None and not self.is_initializing():
             # read-out only (PM / value): the last layer runs for the read tokens alone,
             # with the same stacked params, split into layers [0, n−1) and n − 1
@@ -342,6 +341,10 @@ def _embed(cfg: ModelConfig, name: str | None = None) -> nn.Embed:
     return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
                     param_dtype=jnp.dtype(cfg.param_dtype), name=name,
                     embedding_init=_init(cfg.d_model ** -0.5, ("vocab", "embed")))
+
+
+def _final_norm(cfg: ModelConfig, name: str | None = None) -> RMSNorm:
+    return RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
 
 
 def _untied_head(cfg: ModelConfig, name: str | None = None) -> Linear:

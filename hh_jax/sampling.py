@@ -46,7 +46,7 @@ def _decoder(params, model: Transformer, cfg: SamplingConfig, cache: dict):
         rest, layers = decode_step.split_layers(params, model.cfg)
         return (lambda tokens_Bx1, positions_Bx1, c, kv_valid_BxS: decode_step.step(
             rest, layers, tokens_Bx1, positions_Bx1, c, kv_valid_BxS, model.cfg),
-            decode_step.split_cache(cache))
+            decode_step.split_cache(cache, model.cfg))
 
     def decode(tokens_Bx1, positions_Bx1, c, kv_valid_BxS):
         out = model.apply(params, tokens_Bx1, positions_BxL=positions_Bx1, cache=c,

@@ -66,14 +66,17 @@ def section(page, root: str, members: list[str]) -> None:
     page.table(["member", "size", "P", "λ_KL", "judge: π0", "judge: final", "final KL",
                 "√KL slope", "R²", "best-of-n (n, KL): judge"],
                [[r["member"], r.get("size"), r.get("P"), r.get("kl_coef"),
-                 r["score"][0] if "score" in r and len(r["score"]) else None,
-                 r["score"][-1] if "score" in r and len(r["score"]) else None,
-                 r["kl"][-1] if "kl" in r and len(r["kl"]) else "not complete",
-                 r.get("slope"), r.get("r2"),
+                 *(_ends(r.get("score", ())) if r in done else (None, None)),
+                 r["kl"][-1] if r in done else "not complete", r.get("slope"), r.get("r2"),
                  f"n={r['bon_n']}, KL {r['bon_kl']:.2f}: {report._fmt(r['bon_score'])}"
                  if "bon_n" in r else None] for r in rows])
     if done:
         _plot(page, done)
+
+
+def _ends(score) -> tuple:
+    """(first, last) of a member's evaluation scores."""
+    return (score[0], score[-1]) if len(score) else (None, None)
 
 
 def _plot(page, rows: list[dict]) -> None:
