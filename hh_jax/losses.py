@@ -12,6 +12,12 @@ def token_logprobs(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array
     return jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
 
 
+def entropy(logp_xV: jax.Array) -> jax.Array:
+    """Entropy −Σ p·log p of each distribution given by its log-probs over the last axis
+    (0·log 0 = 0: tokens without mass, e.g. −inf log-probs after filtering, add nothing)."""
+    return -jnp.sum(jnp.where(logp_xV > -jnp.inf, jnp.exp(logp_xV) * logp_xV, 0.0), axis=-1)
+
+
 def next_token_xent(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, weights_BxL: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy and the number of scored tokens.

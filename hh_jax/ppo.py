@@ -100,8 +100,7 @@ def response_logprobs(params, tokens_BxT, mask_BxT, q: int, *, model: Transforme
     """log π(response token t | prefix) for the R tokens after position q, and entropies."""
     logp_BxRxV = response_log_softmax(params, tokens_BxT, mask_BxT, q, model=model,
                                       temperature=temperature)
-    entropy_BxR = -(jnp.exp(logp_BxRxV) * logp_BxRxV).sum(-1)
-    return token_logprobs(logp_BxRxV, tokens_BxT[:, q:]), entropy_BxR
+    return token_logprobs(logp_BxRxV, tokens_BxT[:, q:]), losses.entropy(logp_BxRxV)
 
 
 def values_of(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer):

@@ -18,10 +18,7 @@ sweep report of hh_jax.sweep instead.
 
 from __future__ import annotations
 
-import base64
 import datetime
-import html
-import io
 import json
 import math
 import os
@@ -29,111 +26,7 @@ import re
 
 import numpy as np
 
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
-CSS = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;color:#222}"
-       "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
-       "padding:3px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}"
-       "img{max-width:100%;border:1px solid #ddd;margin:.3em 0}figure{margin:.5em 0}"
-       "pre{background:#f6f6f6;padding:.5em;overflow-x:auto;white-space:pre-wrap}"
-       ".sample{border-left:3px solid #999;padding-left:.6em;margin:.8em 0}")
-
-
-class Page:
-    """Builds the HTML and the Markdown side by side, so both carry the same numbers."""
-
-    def __init__(self, out_dir: str, title: str):
-        self.out_dir, self.title = out_dir, title
-        self.html: list[str] = []
-        self.md: list[str] = [f"# {title}", ""]
-        self.n_figures = 0
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
-        self.md += ["#" * level + " " + text, ""]
-
-    def para(self, text: str) -> None:
-        self.html.append(f"<p>{html.escape(text)}</p>")
-        self.md += [text, ""]
-
-    def table(self, header: list[str], rows: list[list]) -> None:
-        cells = [[_fmt(c) for c in r] for r in rows]
-        self.html.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-                         + "</tr>" + "".join("<tr>" + "".join(
-                             f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
-                         + "</table>")
-        self.md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        self.md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in cells]
-        self.md.append("")
-
-    def pre(self, summary: str, text: str) -> None:
-        self.html.append(f"<details><summary>{html.escape(summary)}</summary>"
-                         f"<pre>{html.escape(text)}</pre></details>")
-        self.md += [f"<details><summary>{summary}</summary>", "", "```", text, "```", "",
-                    "</details>", ""]
-
-    def links(self, items: list[tuple[str, str]]) -> None:
-        """Relative links (e.g. to each sweep member's own report)."""
-        self.html.append("<ul>" + "".join(f'<li><a href="{html.escape(href)}">'
-                                          f"{html.escape(text)}</a></li>" for text, href in items)
-                         + "</ul>")
-        self.md += [f"- [{text}]({href})" for text, href in items] + [""]
-
-    def sample(self, parts: list[tuple[str, str]]) -> None:
-        self.html.append('<div class="sample">' + "".join(
-            f"<b>{html.escape(k)}</b><pre>{html.escape(v)}</pre>" for k, v in parts) + "</div>")
-        for k, v in parts:
-            self.md += [f"**{k}**", "", "```", v, "```", ""]
-
-    def figure(self, fig, name: str, caption: str) -> None:
-        """Saves the PNG beside the report and embeds the same bytes in the HTML."""
-        import matplotlib.pyplot as plt
-
-        self.n_figures += 1
-        fname = f"{self.n_figures:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        files = os.path.join(self.out_dir, "report_files")
-        os.makedirs(files, exist_ok=True)
-        with open(os.path.join(files, fname), "wb") as f:
-            f.write(buf.getvalue())
-        data = base64.b64encode(buf.getvalue()).decode("ascii")
-        self.html.append(f'<figure><img alt="{html.escape(caption)}" '
-                         f'src="data:image/png;base64,{data}"><figcaption>'
-                         f"{html.escape(caption)}</figcaption></figure>")
-        self.md += [f"![{caption}](report_files/{fname})", "", f"*{caption}*", ""]
-
-    def write(self) -> tuple[str, str]:
-        os.makedirs(self.out_dir, exist_ok=True)
-        html_path = os.path.join(self.out_dir, "report.html")
-        md_path = os.path.join(self.out_dir, "report.md")
-        with open(html_path, "w") as f:
-            f.write(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
-                    f"{html.escape(self.title)}</title><style>{CSS}</style></head><body>"
-                    f"<h1>{html.escape(self.title)}</h1>\n" + "\n".join(self.html)
-                    + "</body></html>\n")
-        with open(md_path, "w") as f:
-            f.write("\n".join(self.md) + "\n")
-        return html_path, md_path
-
-
-def _fmt(x) -> str:
-    if isinstance(x, bool) or x is None:
-        return str(x)
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.4g}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from hh_jax.report_page import COLORS, Page, fmt, pyplot
 
 
 # ------------------------------------------------------------------------ reading a run
@@ -198,7 +91,7 @@ def _curves(page: Page, rows: list[dict], panels: list[list[str]], name: str, ti
     panels = [keys for keys in panels if keys]
     if not panels:
         return
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.3), squeeze=False)
     for ax, keys in zip(axes[0], panels, strict=True):
         for key, color in zip(keys, COLORS, strict=False):
@@ -265,7 +158,7 @@ def error_bars(acc, ci) -> np.ndarray:
 
 
 def _accuracy_plot(page: Page, name: str, rep: dict) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.8),
                                      gridspec_kw={"width_ratios": [1.6, 1, 1]})
     subs = list(rep["per_subset"].items()) + [("ALL", rep["overall"])]
@@ -339,7 +232,7 @@ def ppo_section(page: Page, name: str, summary: dict, rows: list[dict], stage_di
                if "slope" in own else sqrt_kl_fit(kl, score))
         page.table(["fit", "a", "b", "R²", "points"],
                    [[f"{key} ≈ a + b·√KL", fit["a"], fit["b"], fit["r2"], fit["n"]]])
-        plt = _plt()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         tkl, tscore = _pairs(rows, "objective/kl", "objective/score")
         ax.plot(np.sqrt(np.maximum(tkl, 0)), tscore, ".", alpha=0.3, label="training batches")
@@ -391,7 +284,7 @@ def bon_section(page: Page, name: str, summary: dict, ppo: tuple | None) -> None
                [[r["n"], r["kl"], r["score"], r.get("test_score"),
                  r.get("ppo_test_score_at_same_kl")] for r in rows])
     n, kl = np.asarray([r["n"] for r in rows]), np.asarray([r["kl"] for r in rows])
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key, label in (("score", "train PM"), ("test_score", f"judge ({judge})")):
         if all(isinstance(r.get(key), int | float) for r in rows):
@@ -466,7 +359,7 @@ def run_report(page: Page, workdir: str) -> None:
             _curves(page, rows_by[name], [["train/loss"]], f"{name}_loss", f"{name}: loss")
         scalars = _scalars(summary)
         if scalars:
-            page.pre(f"{name}: summary.json scalars", "\n".join(f"{k} = {_fmt(v)}"
+            page.pre(f"{name}: summary.json scalars", "\n".join(f"{k} = {fmt(v)}"
                                                                  for k, v in scalars))
     if config:
         page.pre("config.json", json.dumps(config, indent=1, sort_keys=True))

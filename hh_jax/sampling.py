@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from hh_jax import decode_step
+from hh_jax import decode_step, losses
 from hh_jax.model import Transformer, init_cache, lm_head_logits
 
 
@@ -103,8 +103,7 @@ def _pick(logits_BxV, rng, cfg: SamplingConfig):
         logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
         token_B = draw(filter_logits(scaled_BxV, cfg.top_k, cfg.top_p), rng)
     logp_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
-    entropy_B = -(jnp.exp(logp_BxV) * logp_BxV).sum(-1)
-    return token_B.astype(jnp.int32), logp_B, entropy_B
+    return token_B.astype(jnp.int32), logp_B, losses.entropy(logp_BxV)
 
 
 def sample(params, prompt_BxQ: jax.Array, prompt_mask_BxQ: jax.Array, rng: jax.Array, *,

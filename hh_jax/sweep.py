@@ -245,14 +245,14 @@ def _pm_part(page, rows: list[dict]) -> None:
 
 
 def _scaling_plot(page, stage: str, group: list[dict], fit: dict) -> None:
-    from hh_jax import report
+    from hh_jax import report, report_page
 
-    plt = report._plt()
+    plt = report_page.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, (x_key, line_key, xlabel) in zip(axes, [("D", "P", "D (training comparisons)"),
                                                     ("P", "D", "P (non-embedding params)")],
                                              strict=True):
-        for color, value in zip(report.COLORS * 4, sorted({r[line_key] for r in group}),
+        for color, value in zip(report_page.COLORS * 4, sorted({r[line_key] for r in group}),
                                 strict=False):
             pts = sorted((r for r in group if r[line_key] == value), key=lambda r: r[x_key])
             x = np.asarray([r[x_key] for r in pts], np.float64)

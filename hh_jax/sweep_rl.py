@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from hh_jax import report
+from hh_jax import report, report_page
 
 
 def _stage(config: dict, kind: str) -> str | None:
@@ -68,7 +68,7 @@ def section(page, root: str, members: list[str]) -> None:
                [[r["member"], r.get("size"), r.get("P"), r.get("kl_coef"),
                  *(_ends(r.get("score", ())) if r in done else (None, None)),
                  r["kl"][-1] if r in done else "not complete", r.get("slope"), r.get("r2"),
-                 f"n={r['bon_n']}, KL {r['bon_kl']:.2f}: {report._fmt(r['bon_score'])}"
+                 f"n={r['bon_n']}, KL {r['bon_kl']:.2f}: {report_page.fmt(r['bon_score'])}"
                  if "bon_n" in r else None] for r in rows])
     if done:
         _plot(page, done)
@@ -80,11 +80,11 @@ def _ends(score) -> tuple:
 
 
 def _plot(page, rows: list[dict]) -> None:
-    plt = report._plt()
+    plt = report_page.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     sizes = sorted({r["size"] for r in rows}, key=lambda s: min(x["P"] for x in rows
                                                                 if x["size"] == s))
-    color = dict(zip(sizes, report.COLORS * 4, strict=False))
+    color = dict(zip(sizes, report_page.COLORS * 4, strict=False))
     markers = "osD^v<>"
     coefs = sorted({r["kl_coef"] for r in rows})
     for r in rows:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,3 +59,15 @@ def test_token_logprobs_matches_numpy():
     z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
     ref = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - z
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_entropy_matches_a_python_loop_and_skips_tokens_without_mass():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 7)).astype(np.float32) * 3
+    logits[1, [0, 4]] = -np.inf  # filtered tokens: no mass, no NaN
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+    want = [-sum(math.exp(v) * v for v in row if v > -math.inf) for row in logp.tolist()]
+    np.testing.assert_allclose(np.asarray(losses.entropy(jnp.asarray(logp))), want, rtol=1e-5)
+    uniform = jnp.full((2, 8), -math.log(8.0))
+    np.testing.assert_allclose(np.asarray(losses.entropy(uniform)), [math.log(8.0)] * 2,
+                               rtol=1e-6)

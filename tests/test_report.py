@@ -15,7 +15,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from hh_jax import evaluate, main, metrics, report
+from hh_jax import evaluate, main, metrics, report, report_page
 
 MODEL = {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
          "d_ff": 128}
@@ -100,7 +100,7 @@ def test_report_is_self_contained_and_complete(tmp_path):
     assert len(files) == len(images) and all(f"report_files/{f}" in md for f in files)
     for stage in ("lm", "pmp", "pm", "ppo", "bon"):
         assert f"Stage {stage}" in page and f"Stage {stage}" in md
-    acc = report._fmt(reps["pm"]["per_subset"]["helpful-base"]["accuracy"])
+    acc = report_page.fmt(reps["pm"]["per_subset"]["helpful-base"]["accuracy"])
     lo, hi = reps["pm"]["per_subset"]["helpful-base"]["ci95"]
     for text in (acc, f"[{lo:.3f}, {hi:.3f}]", "130.2", "29.53"):
         assert text in page and text in md
@@ -128,7 +128,7 @@ def test_perfect_and_zero_accuracy_render(tmp_path):
     rep = evaluate.pm_report([1.0] * 6 + [0.0] * 3, [0.0] * 6 + [1.0] * 3, ["a"] * 6 + ["b"] * 3,
                              [1] * 6 + [2] * 3, [5] * 9, [4] * 9)
     assert rep["per_subset"]["a"]["accuracy"] == 1.0 and rep["per_turn"][2]["accuracy"] == 0.0
-    page = report.Page(str(tmp_path), "t")
+    page = report_page.Page(str(tmp_path), "t")
     report.pm_section(page, "pm", {"report": rep}, [])
     assert page.n_figures == 1
     np.testing.assert_array_equal(report.error_bars([1.0], [[lo, hi]])[1], [0.0])
