@@ -38,12 +38,13 @@ mode = sys.argv[1]
 def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 out = {}
 if mode == "ours":
-    from hh_jax import convert
+    from hh_jax import convert, gguf_file
     from hh_jax.tokenizer import BPETokenizer
     out["import_s"] = time.perf_counter() - t0
     out["rss_after_import_mb"] = rss()
     path = convert.pretrained_path("smollm2-135m")
-    t = time.perf_counter(); g = convert.read_gguf(path); out["header_s"] = time.perf_counter() - t
+    t = time.perf_counter(); g = gguf_file.read_gguf(path)
+    out["header_s"] = time.perf_counter() - t
     t = time.perf_counter(); BPETokenizer.from_gguf_metadata(g.metadata)
     out["tokenizer_s"] = time.perf_counter() - t
     t = time.perf_counter(); cfg, params, tok = convert.load_pretrained("smollm2-135m")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from hh_jax import convert
+from hh_jax import convert, gguf_file
 from hh_jax.model import SIZES, Transformer
 from hh_jax.tokenizer import BPETokenizer, load_tokenizer
 
@@ -334,7 +334,7 @@ def test_gguf_matches_numpy_reference(tiny_gguf):
 
 def test_gguf_header_reader_agrees_with_gguf_package(tiny_gguf):
     path, _ = tiny_gguf
-    ours = convert.read_gguf(path)
+    ours = gguf_file.read_gguf(path)
     ref = gguf.GGUFReader(path)
     for key, field in ref.fields.items():
         if key.startswith("GGUF."):

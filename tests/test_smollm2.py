@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hh_jax import chat, convert, sampling
+from hh_jax import chat, convert, gguf_file, sampling
 from hh_jax.model import SIZES, Transformer
 from hh_jax.tokenizer import load_tokenizer
 
@@ -56,7 +56,7 @@ def test_file_is_the_documented_one():
 
 
 def test_config_from_metadata_is_the_sizes_entry():
-    cfg = convert.config_from_gguf(convert.read_gguf(GGUF))
+    cfg = convert.config_from_gguf(gguf_file.read_gguf(GGUF))
     assert convert.check_size(cfg, "smollm2-135m", GGUF) is SIZES["smollm2-135m"]
     assert cfg.n_heads == 9 and cfg.n_kv_heads == 3 and cfg.rope_theta == 100_000.0
 
@@ -77,7 +77,7 @@ def test_tokenizer_specials_template_and_ids(tok):
 @pytest.mark.slow
 def test_header_reader_agrees_with_gguf_package():
     gguf = pytest.importorskip("gguf")
-    ref, ours = gguf.GGUFReader(GGUF), convert.read_gguf(GGUF)
+    ref, ours = gguf.GGUFReader(GGUF), gguf_file.read_gguf(GGUF)
     for key, field in ref.fields.items():
         if not key.startswith("GGUF."):
             want = field.contents()
