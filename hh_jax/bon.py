@@ -59,6 +59,7 @@ def _samples(cfg, policy, pm, test_pm, tok, prompts, mesh):
 
 
 def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
+    ppo.check_temperature(cfg.temperature, "bon.temperature")
     os.makedirs(stage_dir, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)
     policy, pm, test_pm, tok = load_models(cfg, mesh)

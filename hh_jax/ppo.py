@@ -51,6 +51,18 @@ class PPOConfig:
     # log π of the rollout: the sampler's own (True), or a full forward pass recomputing it
     reuse_sampler_logprobs: bool = True
 
+    def __post_init__(self):
+        check_temperature(self.temperature, "ppo.temperature")
+
+
+def check_temperature(t: float, name: str) -> None:
+    """PPO and best-of-n sample from π at temperature t and divide logits by t for log π /
+    log π0: t must be > 0 (t = 0 would be greedy decoding, not sampling from π, and NaN
+    log-probs)."""
+    if not t > 0:
+        raise ValueError(f"{name} must be > 0 (got {t}): PPO and best-of-n sample from the "
+                         f"tempered policy; greedy decoding (0) has no log-probs to compare")
+
 
 @flax.struct.dataclass
 class PPOState:
@@ -111,17 +123,19 @@ def values_of(params, tokens_BxT, mask_BxT, q: int, *, model: Transformer):
     return head.apply(params["head"], out["hidden_BxQxD"])
 
 
-def pm_score(params, tokens_BxT, lengths_B, *, model: Transformer):
-    """PM reward read at index lengths_B − 1 (where the caller put the EOC token)."""
-    mask = jnp.arange(tokens_BxT.shape[1])[None, :] < lengths_B[:, None]
-    out = model.apply(params["backbone"], tokens_BxT, mask_BxL=mask,
-                      read_index_BxQ=(lengths_B - 1)[:, None].astype(jnp.int32))
+def pm_score(params, tokens_BxT, mask_BxT, read_B, *, model: Transformer):
+    """PM reward read at index read_B (where the caller put the EOC token). `mask_BxT` marks
+    the real tokens: left padding of the prompt is neither attended to nor counted in the
+    positions, so a row scores the same however much its prompt is padded."""
+    out = model.apply(params["backbone"], tokens_BxT, mask_BxL=mask_BxT,
+                      read_index_BxQ=read_B[:, None].astype(jnp.int32))
     head = ScalarHead(model.cfg.d_model, use_bias=False)
     return head.apply(params["head"], out["hidden_BxQxD"][:, 0])
 
 
 def with_eoc(prompt_BxQ, prompt_mask_BxQ, response_BxR, lengths_B, ended_B, eoc_id: int):
-    """PM input: prompt + response (without its EOS) + EOC, and the index after the EOC."""
+    """PM input: prompt + response (without its EOS) + EOC, its mask of real tokens (the
+    prompt's padding excluded), and the index after the EOC."""
     q = prompt_BxQ.shape[1]
     r = response_BxR.shape[1]
     body_B = lengths_B - ended_B.astype(jnp.int32)  # response tokens before EOS
@@ -173,10 +187,10 @@ def rollout(policy_params, ref_params, value_params, prompt_BxQ, prompt_mask_BxQ
 
 def score_rollout(pm_params, roll: dict, q: int, *, pm_model: Transformer, eoc_id: int):
     """The PM's score of each (prompt, response): read at an EOC put after the response."""
-    tokens, _, length_B = with_eoc(roll["tokens_BxT"][:, :q], roll["mask_BxT"][:, :q],
-                                   roll["tokens_BxT"][:, q:], roll["lengths_B"], roll["ended_B"],
-                                   eoc_id)
-    return pm_score(pm_params, tokens, length_B, model=pm_model)
+    tokens, mask, length_B = with_eoc(roll["tokens_BxT"][:, :q], roll["mask_BxT"][:, :q],
+                                      roll["tokens_BxT"][:, q:], roll["lengths_B"],
+                                      roll["ended_B"], eoc_id)
+    return pm_score(pm_params, tokens, mask, length_B - 1, model=pm_model)
 
 
 def compute_rewards(score_B, logp_BxR, ref_logp_BxR, mask_BxR, lengths_B, ended_B, kl_coef,

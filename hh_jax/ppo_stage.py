@@ -71,14 +71,22 @@ def load_models(cfg: ConfigDict, mesh):
     return policy, pm, test_pm, load_tokenizer(checkpoint.tokenizer_spec(cfg.policy_from))
 
 
-def value_params_from_pm(pm: Frozen, mode: str):
-    """Value model = PM backbone + a head with a bias: the PM's head ("pm") or zeros."""
+def value_params_from_pm(pm: Frozen, mode: str, score_shift: float = 0.0,
+                         score_scale: float = 1.0):
+    """Value model = PM backbone + a head with a bias: the PM's head ("pm") or zeros.
+
+    "pm" starts V in the reward's units: the rewards use (r_PM − shift) / scale
+    (`normalize_scores`), so the head is the PM's divided by `score_scale` with bias
+    −shift / scale, and V(prefix) = the normalised PM score read at that prefix."""
     kernel = pm.params["head"]["params"]["kernel"]
+    bias = jnp.zeros((), jnp.float32)
     if mode == "zero":
         kernel = jnp.zeros_like(kernel)
-    elif mode != "pm":
+    elif mode == "pm":
+        kernel, bias = kernel / score_scale, bias - score_shift / score_scale
+    else:
         raise ValueError(f"value_head_init must be 'pm' or 'zero', got {mode!r}")
-    head = {"params": {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}}
+    head = {"params": {"kernel": kernel, "bias": bias}}
     return {"backbone": pm.params["backbone"], "head": head}
 
 
@@ -93,6 +101,7 @@ def train_state(params, optimizer, mesh):
 def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, prompts, masks, rng,
                      *, policy_model, pm_model, test_pm_model, sample_cfg, tok, temperature):
     """Evaluation: responses to held-out prompts, their KL to π0 and both PMs' scores."""
+    ppo.check_temperature(temperature, "temperature")
     s = sampling.sample(policy_params, prompts, masks, rng, model=policy_model, cfg=sample_cfg,
                         eos_id=tok.eos_id, pad_id=tok.pad_id)
     q = prompts.shape[1]
@@ -104,16 +113,18 @@ def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, promp
                              for p in (policy_params, ref_params))
     k1_BxR = (ppo.token_logprobs(logp_BxRxV, s["tokens_BxR"])
               - ppo.token_logprobs(ref_BxRxV, s["tokens_BxR"]))
-    pm_tokens, _, pm_len = ppo.with_eoc(s["prompt_BxQ"], s["prompt_mask_BxQ"], s["tokens_BxR"],
-                                        s["lengths_B"], s["ended_B"], tok.eoc_id)
+    pm_tokens, pm_mask, pm_len = ppo.with_eoc(s["prompt_BxQ"], s["prompt_mask_BxQ"],
+                                              s["tokens_BxR"], s["lengths_B"], s["ended_B"],
+                                              tok.eoc_id)
     # kl_B: exact per-token KL summed over the response (≥ 0, low variance); kl_sample_B:
     # the sampled log π − log π0 (k1, what the reward penalises); same expectation
     out = {"kl_B": (ppo.token_kl(logp_BxRxV, ref_BxRxV) * mask_BxR).sum(1),
            "kl_sample_B": (k1_BxR * mask_BxR).sum(1), "tokens_BxR": s["tokens_BxR"],
            "lengths_B": s["lengths_B"],
-           "score_B": ppo.pm_score(pm_params, pm_tokens, pm_len, model=pm_model)}
+           "score_B": ppo.pm_score(pm_params, pm_tokens, pm_mask, pm_len - 1, model=pm_model)}
     if test_pm_params is not None:
-        out["test_score_B"] = ppo.pm_score(test_pm_params, pm_tokens, pm_len, model=test_pm_model)
+        out["test_score_B"] = ppo.pm_score(test_pm_params, pm_tokens, pm_mask, pm_len - 1,
+                                           model=test_pm_model)
     return out
 
 
@@ -247,7 +258,8 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     pcfg = ppo_config(cfg, pm)
     policy_opt, value_opt = optimizers(cfg)
     pol, _ = train_state(jax.tree_util.tree_map(jnp.copy, policy.params), policy_opt, mesh)
-    val, _ = train_state(value_params_from_pm(pm, cfg.value_head_init), value_opt, mesh)
+    val, _ = train_state(value_params_from_pm(pm, cfg.value_head_init, pcfg.score_shift,
+                                              pcfg.score_scale), value_opt, mesh)
     # the key placed like the update's output, so its jit sees one layout and compiles once
     st = ppo.PPOState(policy=pol, value=val, rng=jax.device_put(jax.random.PRNGKey(cfg.seed),
                                                                 sharding.replicated(mesh)))

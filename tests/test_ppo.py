@@ -110,6 +110,73 @@ def test_with_eoc_places_the_pm_token_after_the_response():
     assert int(length[0]) == 6
 
 
+def test_pm_score_ignores_left_padding_of_the_prompt():
+    """The rollout's prompts are left-padded; the PM must score prompt + response + EOC as
+    it was trained (`pm.pm_scores`: the unpadded dialogue, positions from 0), however much
+    padding sits in front. Also the ended / not-ended EOC placement of `with_eoc`."""
+    from hh_jax import pm
+
+    cfg = SIZES["test"]
+    model = Transformer(cfg)
+    backbone = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    head = ScalarHead(cfg.d_model, use_bias=False).init(jax.random.key(1),
+                                                        jnp.zeros((1, cfg.d_model)))
+    params = jax.tree_util.tree_map(lambda x: x * 3.0, {"backbone": backbone, "head": head})
+    prompt, eos, eoc, pad = [11, 12, 13, 14, 15], 2, 9, 0
+    responses = [[21, 22, eos, pad], [23, 24, 25, 26]]  # ended; cut at R without EOS
+    q = 12
+    rows, masks, resp, lengths, ended = [], [], [], [], []
+    for n_pad in (0, 3, 7):
+        for r in responses:
+            rows.append([pad] * n_pad + prompt + [pad] * (q - n_pad - len(prompt)))
+            masks.append([False] * n_pad + [True] * len(prompt) + [False] * (q - n_pad - 5))
+            resp.append(r)
+            lengths.append(3 if eos in r else 4)
+            ended.append(eos in r)
+    # sampling.sample left-aligns prompts: real tokens at the right end of the Q slots
+    tok_BxQ, mask_BxQ = sampling.left_align(jnp.array(rows), jnp.array(masks))
+    roll = {"tokens_BxT": jnp.concatenate([tok_BxQ, jnp.array(resp)], 1),
+            "mask_BxT": jnp.concatenate([mask_BxQ, jnp.ones((len(rows), 4), bool)], 1),
+            "lengths_B": jnp.array(lengths), "ended_B": jnp.array(ended)}
+    got = np.asarray(ppo.score_rollout(params, roll, q, pm_model=model, eoc_id=eoc))
+    want = []
+    for r in responses:  # the PM's training layout: context + response + EOC, right-padded
+        body = [t for t in r if t not in (eos, pad)]
+        seq = prompt + body + [eoc]
+        tokens = jnp.array([seq + [pad] * 3])
+        want.append(float(pm.pm_scores(params, tokens, jnp.array([len(seq)]), model=model)[0][0]))
+    np.testing.assert_allclose(got, want * 3, rtol=1e-5, atol=1e-5)
+    assert abs(want[0] - want[1]) > 1e-3  # the two responses are told apart
+
+
+def test_temperature_must_be_positive():
+    for t in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="ppo.temperature must be > 0"):
+            ppo.PPOConfig(temperature=t)
+    assert ppo.PPOConfig(temperature=0.7).temperature == 0.7
+
+
+def test_value_head_from_the_pm_starts_in_the_reward_units():
+    """With normalize_scores the reward is (r_PM − shift) / scale; the value head copied from
+    the PM gives exactly that at every hidden state ("zero": 0 everywhere)."""
+    import types
+
+    d, shift, scale = 16, -2.3, 1.7
+    import flax.linen as nn
+
+    pm_head = nn.unbox(ScalarHead(d, use_bias=False).init(jax.random.key(0), jnp.zeros((1, d))))
+    pm = types.SimpleNamespace(params={"backbone": {"w": jnp.ones(3)}, "head": pm_head})
+    h = jax.random.normal(jax.random.key(1), (5, d))
+    r_pm = np.asarray(ScalarHead(d, use_bias=False).apply(pm_head, h))
+    v = ppo_stage.value_params_from_pm(pm, "pm", shift, scale)
+    got = np.asarray(ScalarHead(d, zero_init=True).apply(v["head"], h))
+    np.testing.assert_allclose(got, (r_pm - shift) / scale, rtol=1e-5, atol=1e-6)
+    zero = ppo_stage.value_params_from_pm(pm, "zero", shift, scale)
+    np.testing.assert_array_equal(ScalarHead(d, zero_init=True).apply(zero["head"], h), 0.0)
+    with pytest.raises(ValueError, match="value_head_init"):
+        ppo_stage.value_params_from_pm(pm, "other")
+
+
 def test_kl_controller_adaptive_rule():
     c = ppo.KLController(0.1, target=6.0, horizon=100)
     c.update(12.0, 10)  # error clipped to +0.2 → ×1.02
