@@ -67,7 +67,8 @@ def gae(rewards_BxR, values_BxR, mask_BxR, gamma: float, lam: float):
 
 
 def ppo_policy_loss(logp_BxR, old_logp_BxR, adv_BxR, mask_BxR, clip: float):
-    """Clipped surrogate (Schulman et al. 2017); also clipfrac and approx KL (k3-free: ½(Δ)²)."""
+    """Clipped surrogate (Schulman et al. 2017); also clipfrac and approx KL (½·mean Δ², the
+    k2 estimator, as LMHP)."""
     ratio = jnp.exp(logp_BxR - old_logp_BxR)
     unclipped = -adv_BxR * ratio
     clipped = -adv_BxR * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
@@ -78,9 +79,10 @@ def ppo_policy_loss(logp_BxR, old_logp_BxR, adv_BxR, mask_BxR, clip: float):
 
 
 def ppo_value_loss(v_BxR, old_v_BxR, returns_BxR, mask_BxR, clip: float):
-    """½·max((V − R)², (clip(V, V_old ± ε) − R)²) over valid tokens (LMHP)."""
+    """½·max((V − R)², (clip(V, V_old ± ε) − R)²) over valid tokens (LMHP); clipfrac as
+    LMHP's vf_clipfrac: the share of tokens where the clipped term is the larger one."""
     v_clipped = old_v_BxR + jnp.clip(v_BxR - old_v_BxR, -clip, clip)
-    loss = 0.5 * masked_mean(jnp.maximum((v_BxR - returns_BxR) ** 2,
-                                         (v_clipped - returns_BxR) ** 2), mask_BxR)
-    clipfrac = masked_mean((jnp.abs(v_BxR - old_v_BxR) > clip).astype(jnp.float32), mask_BxR)
+    unclipped, clipped = (v_BxR - returns_BxR) ** 2, (v_clipped - returns_BxR) ** 2
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask_BxR)
+    clipfrac = masked_mean((clipped > unclipped).astype(jnp.float32), mask_BxR)
     return loss, {"ppo/val/clipfrac": clipfrac}

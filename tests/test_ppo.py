@@ -57,6 +57,10 @@ def test_ppo_losses_match_numpy():
     vloss, _ = losses.ppo_value_loss(*(jnp.asarray(x, jnp.float32) for x in (v, vold, ret)),
                                      jnp.asarray(mask), 0.2)
     np.testing.assert_allclose(vloss, ref, rtol=1e-5)
+    _, vstats = losses.ppo_value_loss(*(jnp.asarray(x, jnp.float32) for x in (v, vold, ret)),
+                                      jnp.asarray(mask), 0.2)
+    np.testing.assert_allclose(vstats["ppo/val/clipfrac"],
+                               ((vc - ret) ** 2 > (v - ret) ** 2)[mask].mean(), rtol=1e-6)
     w = losses.masked_whiten(jnp.asarray(adv, jnp.float32), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(w)[mask].mean(), 0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(w)[mask].std(), 1, atol=1e-3)
