@@ -1,7 +1,9 @@
 """Chat formats: how an HH dialogue becomes the text and tokens a base model sees.
 
-SFT, the PM, PPO and sampling all go through `render` / `prompt_ids` / `response_ids`, so
-a model is trained, scored and sampled on one format.
+`hh-jax sample`, SFT on dialogues (`dialogue_ids`) and the SmolLM2 checks go through
+`render` / `prompt_ids` / `response_ids`. The HH stages trained here from scratch (lm, pm,
+ppo, bon) tokenize the raw transcript directly, which is format "hh" byte for byte, and
+build the PM input as `pm_ids` does (loaders.pm_tokens, ppo.with_eoc).
 
 Formats (`ChatFormat.name`):
   "hh"      the raw HH-RLHF transcript, "\\n\\nHuman: …\\n\\nAssistant: …", byte for byte as in
@@ -17,9 +19,10 @@ End-of-context / EOS conventions (the same in both formats):
   response  encode(reply) + [eos_id]. In ChatML the EOS token *is* `<|im_end|>`, the end of
             the assistant message; in "hh" EOS is a token, never text. The sampler stops on
             eos_id, so a sampled response has the same form as a training response.
-  PM input  prompt + response (+ [eoc_id] when the tokenizer has a distinct end-of-context
-            token, as the sentencepiece tokenizers trained here do); the PM reads its score
-            at the last token. Pretrained tokenizers use EOS as EOC (tokenizer.py).
+  PM input  prompt + the response's text + [eoc_id]; the PM reads its score there. The
+            sentencepiece tokenizers trained here have a distinct end-of-context token,
+            which takes the place of the response's EOS (as in PM training); pretrained
+            tokenizers use EOS as EOC (tokenizer.py), so there it is the response's EOS.
 Prompt and response are tokenized separately (never across their boundary), so the prompt
 tokens a response was sampled after are the ones it is trained and scored after.
 """
@@ -123,9 +126,9 @@ def response_ids(tok: Tokenizer, reply: str, fmt: ChatFormat = HH) -> list[int]:
 
 
 def pm_ids(tok: Tokenizer, turns: list[Turn], reply: str, fmt: ChatFormat = HH) -> list[int]:
-    """What the PM scores: prompt + response (+ EOC if distinct from EOS); score at the end."""
-    eoc = [tok.eoc_id] if tok.eoc_id != tok.eos_id else []
-    return prompt_ids(tok, turns, fmt) + response_ids(tok, reply, fmt) + eoc
+    """What the PM scores: prompt + response text + EOC (in place of the response's EOS,
+    which it is when the tokenizer uses EOS as EOC); the score is read at the end."""
+    return prompt_ids(tok, turns, fmt) + response_ids(tok, reply, fmt)[:-1] + [tok.eoc_id]
 
 
 def dialogue_ids(tok: Tokenizer, turns: list[Turn], fmt: ChatFormat = HH

@@ -86,7 +86,8 @@ def test_eos_and_eoc_conventions(fmt):
     reply = " About 8 minutes."
     written = reply if fmt.name == "hh" else reply.strip()
     assert chat.response_ids(tok, reply, fmt) == tok.encode(written) + [tok.eos_id]
-    assert chat.pm_ids(tok, turns, reply, fmt) == prompt + tok.encode(written) + [2, 3]
+    # the PM's training layout (loaders.pm_tokens, ppo.with_eoc): EOC in place of the EOS
+    assert chat.pm_ids(tok, turns, reply, fmt) == prompt + tok.encode(written) + [3]
 
     class EocIsEos(ByteTokenizer):
         eoc_id = 2
