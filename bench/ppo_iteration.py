@@ -61,7 +61,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--response", type=int, default=32)
     ap.add_argument("--recompute-logprobs", action="store_true",
-                    help="log π of the rollout from a full forward (not the sampler's)")
+                    help="log π of the rollout from a full forward (not the sampler's; "
+                         "the default already does so for a non-float32 --dtype)")
     ap.add_argument("--skip-naive", action="store_true", help="no sampler tokens/s part")
     ap.add_argument("--size", default="6M", choices=sorted(SIZES),
                     help="model shape of policy, π0, value and PM (6M: the anchor)")
@@ -86,7 +87,7 @@ def main():
         value=ppo_stage.train_state(v_params, opt, mesh)[0],
         rng=jax.device_put(jax.random.PRNGKey(0), sharding.replicated(mesh)))
     pcfg = ppo.PPOConfig(epochs=1, minibatches=1,
-                         reuse_sampler_logprobs=not a.recompute_logprobs)
+                         reuse_sampler_logprobs=False if a.recompute_logprobs else None)
     scfg = sampling.SamplingConfig(max_new_tokens=a.response, temperature=pcfg.temperature)
     q = a.prompt
     fns = ppo_stage.iteration_fns(pcfg, policy_model=model, value_model=model, pm_model=model,
@@ -143,7 +144,7 @@ def main():
     print(f"machine: {os.cpu_count()} cpus, {jax.devices()[0].device_kind}, jax "
           f"{jax.__version__}; {a.size}: {cfg.n_layers}L d{cfg.d_model} vocab {cfg.vocab_size}, "
           f"{a.batch} prompts × {q} tokens, {a.response}-token responses, {a.dtype}; log π "
-          f"{'recomputed' if a.recompute_logprobs else 'from the sampler'}")
+          f"{'recomputed' if a.recompute_logprobs or a.dtype != 'float32' else 'from the sampler'}")
     print(f"PPO iteration: {total:.3f} s (no sync inside; min {min(whole):.3f} s), "
           f"mean of {len(whole)}")
     print(f"  split, synced at phase boundaries: {split_total:.3f} s = rollout "

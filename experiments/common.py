@@ -114,7 +114,7 @@ def ppo_config(**overrides) -> ConfigDict:
         ppo=ConfigDict(dict(kl_coef=0.001, kl_target=None, kl_horizon=10_000, clip=0.2,
                             value_clip=0.2, gamma=1.0, lam=0.95, epochs=1, minibatches=1,
                             value_coef=1.0, whiten_advantages=True, missing_eos_score=None,
-                            temperature=1.0, reuse_sampler_logprobs=True)),
+                            temperature=1.0, reuse_sampler_logprobs=None)),
         optim=optim_config(lr=3e-5, warmup_steps=0, schedule="constant"),
     ))
     c.update(overrides)

@@ -49,7 +49,10 @@ class PPOConfig:
     score_scale: float = 1.0
     temperature: float = 1.0
     # log π of the rollout: the sampler's own (True), or a full forward pass recomputing it
-    reuse_sampler_logprobs: bool = True
+    # (False); None: the sampler's under float32 compute, recomputed under bf16, where the
+    # KV-cache decode and the full forward round differently and log π − log π0 would not
+    # be 0 at π = π0 (RLHF_PRACTICE §2.18)
+    reuse_sampler_logprobs: bool | None = None
 
     def __post_init__(self):
         check_temperature(self.temperature, "ppo.temperature")
@@ -151,15 +154,18 @@ def with_eoc(prompt_BxQ, prompt_mask_BxQ, response_BxR, lengths_B, ended_B, eoc_
 
 def rollout(policy_params, ref_params, value_params, prompt_BxQ, prompt_mask_BxQ, rng, *,
             policy_model: Transformer, value_model: Transformer, sample_cfg, eos_id: int,
-            pad_id: int, temperature: float, reuse_sampler_logprobs: bool = True,
+            pad_id: int, temperature: float, reuse_sampler_logprobs: bool | None = None,
             with_values: bool = True):
     """Samples responses from π; per-token log π0 from a full forward pass, values.
 
     log π (and the entropy) are the sampler's own — the KV-cache decode of the same π at
     the same temperature, equal to a full forward's within float tolerance (tested) — or,
     with `reuse_sampler_logprobs=False`, recomputed by a full forward pass so the trainer
-    and the "engine" can never disagree (RLHF_PRACTICE §2.18; e.g. a bf16 cache). Without
-    values (`with_values=False`) the update computes them (`single_pass`)."""
+    and the "engine" can never disagree (RLHF_PRACTICE §2.18; e.g. a bf16 cache). None:
+    the sampler's under float32 compute, recomputed otherwise. Without values
+    (`with_values=False`) the update computes them (`single_pass`)."""
+    if reuse_sampler_logprobs is None:
+        reuse_sampler_logprobs = jnp.dtype(policy_model.cfg.dtype) == jnp.float32
     s = sampling.sample(policy_params, prompt_BxQ, prompt_mask_BxQ, rng, model=policy_model,
                         cfg=sample_cfg, eos_id=eos_id, pad_id=pad_id)
     q, r = prompt_BxQ.shape[1], sample_cfg.max_new_tokens

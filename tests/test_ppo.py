@@ -343,6 +343,17 @@ def test_rollout_sampler_logprobs_equal_recomputed():
         np.testing.assert_allclose(a["logp_BxR"][m], b["logp_BxR"][m], atol=1e-4)
         np.testing.assert_allclose(a["entropy_BxR"][m], b["entropy_BxR"][m], atol=1e-4)
         assert (a["logp_BxR"][~m] == 0).all() and (a["entropy_BxR"][~m] == 0).all()
+    # the default (None): the sampler's log π in float32, a full forward's under bf16
+    for dtype, reuse in (("float32", True), ("bfloat16", False)):
+        m16 = Transformer(mcfg.replace(dtype=dtype))
+        scfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
+        run = {r: jax.jit(functools.partial(
+            ppo.rollout, policy_model=m16, value_model=m16, sample_cfg=scfg, eos_id=1, pad_id=0,
+            temperature=1.0, reuse_sampler_logprobs=r)) for r in (None, reuse)}
+        a, b = (jax.device_get(run[r](st.policy.params, ref, st.value.params, prompts, masks,
+                                      jax.random.key(7))) for r in (None, reuse))
+        np.testing.assert_array_equal(a["logp_BxR"], b["logp_BxR"])
+    assert not np.array_equal(a["logp_BxR"], a["sampler_logp_BxR"])  # bf16: they differ
     scfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
     with pytest.raises(ValueError, match="temperature"):
         ppo.rollout(st.policy.params, ref, st.value.params, prompts, masks, jax.random.key(7),
