@@ -18,9 +18,10 @@ DATA_FRACTIONS = (1 / 64, 1 / 16, 1 / 4, 1.0)
 PAPER_SIZES = ("13M", "42M", "197M", "810M", "2.7B", "13B", "52B")
 
 
-def optim_config(lr: float, warmup_steps: int, schedule: str = "cosine") -> ConfigDict:
+def optim_config(lr: float, warmup_steps: int, schedule: str = "cosine",
+                 weight_decay: float = 0.01) -> ConfigDict:
     return ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, schedule=schedule,
-                           lr_min_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01,
+                           lr_min_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay,
                            grad_clip=1.0))
 
 
@@ -115,7 +116,9 @@ def ppo_config(**overrides) -> ConfigDict:
                             value_clip=0.2, gamma=1.0, lam=0.95, epochs=1, minibatches=1,
                             value_coef=1.0, whiten_advantages=True, missing_eos_score=None,
                             temperature=1.0, reuse_sampler_logprobs=None)),
-        optim=optim_config(lr=3e-5, warmup_steps=0, schedule="constant"),
+        # Adam without weight decay (LMHP): decay would pull the policy towards 0, a drift
+        # from π0 that the KL penalty does not see
+        optim=optim_config(lr=3e-5, warmup_steps=0, schedule="constant", weight_decay=0.0),
     ))
     c.update(overrides)
     return c
