@@ -56,7 +56,7 @@ def get_config(arg: str = "") -> ConfigDict:
         c.ppo.iterations, c.ppo.batch_size, c.ppo.eval_prompts = 4, 8, 16
         c.ppo.prompt_len, c.ppo.response_len, c.ppo.eval_every, c.ppo.ckpt_every = 32, 8, 2, 2
         c.ppo.log_every = 1
-        c.bon.ns, c.bon.eval_prompts, c.bon.prompt_len, c.bon.response_len = (1, 2, 4), 8, 32, 8
+        c.bon.ns, c.bon.eval_prompts, c.bon.prompt_len, c.bon.response_len = (1, 2, 4), 16, 32, 8
         for stage in (c.pmp, c.pm, c.pm_test):
             stage.max_len, stage.batch_size, stage.eval_batch_size = 64, 8, 16
             stage.buckets = (128,)

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, metrics, ppo, sharding
-from hh_jax.ppo_stage import encode_prompts, load_models, load_prompts, sample_and_score
+from hh_jax import checkpoint, metrics, ppo, report_page, sharding
+from hh_jax.ppo_stage import encode_prompts, eval_setup, load_models, load_prompts, sample_and_score
 from hh_jax.sampling import SamplingConfig
 
 
@@ -34,6 +34,17 @@ def ppo_at_kl(evals: list[dict], kl: float, key: str) -> float | None:
         return None
     xs, ys = zip(*pts, strict=True)
     return float(np.interp(kl, xs, ys))
+
+
+def setup_mismatch(ppo_setup: dict | None, bon_setup: dict) -> str | None:
+    """Why best-of-n and a PPO run's held-out scores are not comparable, or None: they need
+    the same π0, PMs, held-out prompts and temperature (the KL is to π0 at that
+    temperature)."""
+    if ppo_setup is None:
+        return "its summary.json has no eval_setup (written before it was recorded)"
+    diff = [f"{k} {ppo_setup.get(k)!r} (ppo) vs {v!r} (bon)" for k, v in bon_setup.items()
+            if ppo_setup.get(k) != v]
+    return "; ".join(diff) or None
 
 
 def _samples(cfg, policy, pm, test_pm, tok, prompts, mesh):
@@ -67,9 +78,15 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     with sharding.activate(mesh):
         train_PxN, judge_PxN = _samples(cfg, policy, pm, test_pm, tok, prompts, mesh)
     key = "eval/test_score" if test_pm is not None else "eval/score"
-    ppo_evals = []
+    ppo_evals, skipped = [], None
     if cfg.ppo_dir and checkpoint.is_complete(cfg.ppo_dir):
-        ppo_evals = metrics.read_summary(cfg.ppo_dir)["evals"]
+        ppo_summary = metrics.read_summary(cfg.ppo_dir)
+        skipped = setup_mismatch(ppo_summary.get("eval_setup"), eval_setup(cfg, cfg.temperature))
+        if skipped:
+            print(f"[bon] not comparing with the PPO run in {cfg.ppo_dir}: {skipped}",
+                  flush=True)
+        else:
+            ppo_evals = ppo_summary["evals"]
     rows = []
     for n in cfg.ns:
         score, judged = best_of(train_PxN, judge_PxN, n)
@@ -81,16 +98,14 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
                  if row["ppo_test_score_at_same_kl"] is not None else ""), flush=True)
     plot(rows, ppo_evals, key, os.path.join(stage_dir, "bon.png"))
     summary = {"rows": rows, "prompts": len(prompts), "judge": key}
+    if skipped:
+        summary["ppo_comparison_skipped"] = skipped
     metrics.write_summary(stage_dir, summary)
     return summary
 
 
 def plot(rows: list[dict], ppo_evals: list[dict], key: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report_page.pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([np.sqrt(r["kl"]) for r in rows], [r["test_score"] for r in rows], "o-",
             label="best-of-n (test PM)")

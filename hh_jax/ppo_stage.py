@@ -344,13 +344,27 @@ def _finish(cfg, stage_dir, st, policy, evals, timing) -> dict:
     split_total = sum(timing[k] for k in phases) or 1.0
     summary = {"initial": evals[0], "final": evals[-1], "evals": evals, "sqrt_kl_fit": fit,
                "time_share": {k: timing[k] / split_total for k in phases},
-               "seconds_per_iteration": timing["iteration"] / max(timing["n"], 1)}
+               "seconds_per_iteration": timing["iteration"] / max(timing["n"], 1),
+               "eval_setup": eval_setup(cfg, cfg.ppo.get("temperature", 1.0))}
     plot_sqrt_kl(evals, fit, key, os.path.join(stage_dir, "sqrt_kl.png"))
     metrics.write_summary(stage_dir, summary)
     f, i = evals[-1], evals[0]
     print(f"[ppo] held-out {key}: {i[key]:.3f} (π0) → {f[key]:.3f} at KL {f['eval/kl']:.2f}; "
           f"√KL fit R² {fit.get('r2', float('nan')):.3f}", flush=True)
     return summary
+
+
+EVAL_SETUP_KEYS = ("policy_from", "pm_from", "test_pm_from", "prompt_len", "response_len",
+                   "eval_prompts")
+
+
+def eval_setup(cfg: ConfigDict, temperature: float) -> dict:
+    """What a held-out score depends on besides the policy: π0, both PMs, the prompts and
+    the sampling. Best-of-n compares with a PPO run only where these agree (bon.py)."""
+    out = {k: cfg.get(k) for k in EVAL_SETUP_KEYS}
+    out["prompts"] = {"hh_dir": cfg.data.hh_dir, "subsets": list(cfg.data.subsets or [])}
+    out["temperature"] = float(temperature)
+    return out
 
 
 def plot_sqrt_kl(evals: list[dict], fit: dict, key: str, path: str) -> None:

@@ -181,6 +181,26 @@ def test_value_head_from_the_pm_starts_in_the_reward_units():
         ppo_stage.value_params_from_pm(pm, "other")
 
 
+def test_bon_compares_with_ppo_only_on_the_same_eval_setup():
+    """Best-of-n's "PPO at the same KL" needs the same π0, PMs, held-out prompts and
+    temperature; a PPO summary from other settings is named, not used."""
+    from hh_jax import bon, experiment
+
+    c = experiment.fill_workdir(experiment.load_config(os.path.join(REPO, "experiments",
+                                                                     "smoke.py")), "/w")
+    ppo_setup = ppo_stage.eval_setup(c.ppo, c.ppo.ppo.temperature)
+    assert bon.setup_mismatch(ppo_setup, ppo_stage.eval_setup(c.bon, c.bon.temperature)) is None
+    c.bon.temperature, c.bon.response_len = 0.7, 64
+    why = bon.setup_mismatch(ppo_setup, ppo_stage.eval_setup(c.bon, c.bon.temperature))
+    assert "temperature 1.0 (ppo) vs 0.7 (bon)" in why and "response_len 32" in why
+    assert "no eval_setup" in bon.setup_mismatch(None, ppo_setup)
+    for spec in ("smoke.py", "smoke.py:tiny", "ppo_hh.py", "ppo_hh.py:cpu", "ppo_hh.py:tiny"):
+        c = experiment.fill_workdir(experiment.load_config(os.path.join(REPO, "experiments",
+                                                                         spec)), "/w")
+        assert bon.setup_mismatch(ppo_stage.eval_setup(c.ppo, c.ppo.ppo.temperature),
+                                  ppo_stage.eval_setup(c.bon, c.bon.temperature)) is None, spec
+
+
 def test_kl_controller_adaptive_rule():
     c = ppo.KLController(0.1, target=6.0, horizon=100)
     c.update(12.0, 10)  # error clipped to +0.2 → ×1.02
