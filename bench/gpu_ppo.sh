@@ -12,7 +12,8 @@
 # 2. a PPO iteration with SmolLM2-135M's shape as policy, pi0, value and PM (bf16 compute)
 #    at the anchor's batch (8 prompts x 64 tokens, 32-token responses);
 # 3. the CPU anchor shape (6M, float32) on the GPU;
-# 4. the SmolLM2 iteration at a GPU-sized batch: 64 prompts x 64 tokens, 128-token responses.
+# 4. the SmolLM2 iteration at a GPU-sized batch: 64 prompts x 64 tokens, 128-token responses;
+# 5. (not yet measured) part 1's sampler with the decode's attention as a cuDNN kernel.
 # Needs jax (CUDA), flax, optax, orbax, ml_collections, torch and transformers.
 set -uo pipefail
 out=${1:-/tmp/hh_jax_gpu}
@@ -44,3 +45,6 @@ part ppo_smollm2_b8 130 bench/ppo_iteration.py --size smollm2-135m --dtype bfloa
 part ppo_anchor 70 bench/ppo_iteration.py --iters 5
 part ppo_smollm2_b64 120 bench/ppo_iteration.py --size smollm2-135m --dtype bfloat16 \
   --iters 3 --batch 64 --response 128 --skip-naive
+# not yet measured: the decode's attention as one cuDNN kernel per layer
+part sampler_cudnn_attention 150 bench/sampler_vs_generate.py --batches 64,256,1 --repeats 3 \
+  --variants auto --skip-hf --attention-impl cudnn

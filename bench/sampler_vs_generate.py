@@ -3,7 +3,7 @@
     python bench/sampler_vs_generate.py [--batches 64,1,256] [--prompt 64] [--new 128]
                                         [--repeats 3] [--variants auto,scan]
                                         [--hf-cache static] [--hf-batches B,..] [--skip-hf]
-                                        [--dump-hlo FILE]
+                                        [--dump-hlo FILE] [--attention-impl cudnn]
 
 Both sides: SmolLM2-135M's shape (30 layers, d 576, 9 heads / 3 KV heads, vocab 49,152,
 tied head) with random weights (DESIGN.md §8: speed does not depend on them), bf16 weights
@@ -17,7 +17,9 @@ theirs. The issue-6 target is ≥ 10× at batch 64; DESIGN.md §8 records genera
 16,736 / 45,113 new tokens/s at batch 1 / 64 / 256 on an H200. `--variants` are values of
 `SamplingConfig.split_layers` (auto: the default, split off CPU; scan: the model's stacked
 layer scan; split: hh_jax.decode_step), each timed in the same process; `--dump-hlo`
-writes the first variant's optimised HLO at the first batch, for reading offline.
+writes the first variant's optimised HLO at the first batch, for reading offline;
+`--attention-impl cudnn` runs the decode's attention as jax.nn.dot_product_attention's cuDNN
+kernel (one kernel per layer instead of XLA's several; not yet measured).
 """
 
 from __future__ import annotations
@@ -94,14 +96,15 @@ VARIANTS = {"auto": None, "scan": False, "split": True}
 
 
 def bench_ours(prompts: dict[int, np.ndarray], new: int, repeats: int, variant: str,
-               dump_hlo: str | None) -> dict[int, tuple[float, float]]:
+               dump_hlo: str | None, attention_impl: str = "chunked"
+               ) -> dict[int, tuple[float, float]]:
     import jax
     import jax.numpy as jnp
 
     from hh_jax import sampling
     from hh_jax.model import Transformer
 
-    cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=attention_impl)
     model = Transformer(cfg)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     sample = jax.jit(functools.partial(
@@ -124,7 +127,8 @@ def bench_ours(prompts: dict[int, np.ndarray], new: int, repeats: int, variant: 
             assert int(res["lengths_B"].min()) == new, "a row stopped early"
 
         out[b] = _timed(run, repeats)
-        print(f"  hh_jax {variant} (jax {jax.__version__}, {jax.devices()[0].device_kind}) "
+        print(f"  hh_jax {variant}, attention {attention_impl} (jax {jax.__version__}, "
+              f"{jax.devices()[0].device_kind}) "
               f"batch {b}: "
               f"first {out[b][0]:.2f} s, {b * new / out[b][1]:,.0f} new tokens/s", flush=True)
     return out
@@ -141,6 +145,9 @@ def main():
     ap.add_argument("--hf-batches", default=None, help="generate() at these only (default all)")
     ap.add_argument("--dump-hlo", default=None)
     ap.add_argument("--skip-hf", action="store_true", help="our sampler only")
+    ap.add_argument("--attention-impl", default="chunked",
+                    help="ModelConfig.attention_impl: chunked (decode then runs XLA's "
+                         "dot_product_attention) or cudnn (its cuDNN kernel)")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     prompts = {int(b): rng.integers(4, CFG.vocab_size, (int(b), a.prompt)).astype(np.int32)
@@ -148,8 +155,8 @@ def main():
     print(f"SmolLM2-135M shape, random bf16 weights, greedy, {a.prompt}-token prompts, "
           f"{a.new} new tokens, median of {a.repeats}", flush=True)
     variants = a.variants.split(",")
-    ours = {v: bench_ours(prompts, a.new, a.repeats, v, a.dump_hlo if i == 0 else None)
-            for i, v in enumerate(variants)}
+    ours = {v: bench_ours(prompts, a.new, a.repeats, v, a.dump_hlo if i == 0 else None,
+                          a.attention_impl) for i, v in enumerate(variants)}
     hf_prompts = (prompts if a.hf_batches is None else
                   {int(b): prompts[int(b)] for b in a.hf_batches.split(",")})
     theirs = {} if a.skip_hf else bench_transformers(hf_prompts, a.new, a.repeats, a.hf_cache)
