@@ -15,6 +15,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from ml_collections import ConfigDict
 
@@ -63,8 +64,14 @@ def eval_step(params, batch, *, model: Transformer):
 
 
 def from_loader(batch: dict) -> dict:
-    """A grain LM batch → the step's inputs (attention mask, loss weights, segments)."""
-    return {"tokens_BxL": batch["tokens_BxL"], "weights_BxL": batch["mask_BxL"],
+    """A grain LM batch → the step's inputs (attention mask, loss weights, segments).
+
+    A document's first token is never a target: in a packed row it would be predicted from
+    the previous document's EOS, across the boundary attention respects (and at the start
+    of a row it has no predecessor anyway), so every scored token is predicted from its own
+    document."""
+    weights_BxL = batch["mask_BxL"] * (batch["positions_BxL"] > 0)
+    return {"tokens_BxL": batch["tokens_BxL"], "weights_BxL": weights_BxL,
             "mask_BxL": batch["segment_ids_BxL"] > 0, "segment_ids_BxL": batch["segment_ids_BxL"],
             "positions_BxL": batch["positions_BxL"]}
 
@@ -124,8 +131,9 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
         ckpts.close()
     writer.write(int(st.step), final)
     writer.close()
-    train_ids = lm_data.encode_all(tok, texts["train"])
-    # the tokens the LM is scored on: every weighted target (position ≥ 1 of a row)
+    # the training stream as the LM sees it (each document ends with EOS, a scored target)
+    train_ids = [np.append(ids, tok.eos_id) for ids in lm_data.encode_all(tok, texts["train"])]
+    # the tokens the LM is scored on: every weighted target (not a document's first token)
     eval_ids = [b["tokens_BxL"][:, 1:][b["weights_BxL"][:, 1:] > 0] for b in eval_batches]
     unigram = unigram_perplexity(train_ids, eval_ids, tok.vocab_size)
     export_dir = os.path.join(stage_dir, "params")

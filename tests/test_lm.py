@@ -80,3 +80,21 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
         experiment.run(config, str(tmp_path))
     assert committed_steps(tmp_path / "lm" / "checkpoints") == [2, 4]
     assert not (tmp_path / "lm" / "summary.json").exists()
+
+
+def test_loss_never_crosses_a_document_boundary():
+    """Every scored target is predicted from its own document: target t+1 is weighted iff
+    tokens t and t+1 are real and in the same document piece (a slow loop over the rows)."""
+    from hh_jax import loaders
+    from hh_jax.tokenizer import ByteTokenizer
+
+    texts = ["abc", "defg", "hi", "jklmnop", "q", "rstuv", "wx", "yz!"]
+    for batch in loaders.lm_dataset(texts, ByteTokenizer(), seq_len=12, global_batch=2,
+                                    seed=1, num_epochs=1, process_index=0, process_count=1):
+        b = lm.from_loader(batch)
+        seg, w = np.asarray(batch["segment_ids_BxL"]), np.asarray(b["weights_BxL"])
+        assert (seg[:, 1:] != seg[:, :-1]).any()  # some row holds two documents
+        for r in range(seg.shape[0]):
+            for t in range(seg.shape[1] - 1):
+                same = seg[r, t] > 0 and seg[r, t + 1] == seg[r, t]
+                assert bool(w[r, t + 1]) == same, (r, t, seg[r], w[r])
