@@ -8,8 +8,10 @@ through orbax, pass `grain.checkpoint.CheckpointSave(iterator)` /
 
 Order is a pure function of (data, seed): every process shuffles the same global order
 and keeps elements `process_index::process_count`, so the union of the host-local batches
-k is global batch k. Each process tokenizes only its own shard. `to_global` turns the
-host-local numpy batches into global `jax.Array`s sharded over the mesh's data axes.
+k is global batch k. Each process tokenizes only its own shard. `sharding.put_batch`
+turns the host-local numpy batches into global `jax.Array`s sharded over the mesh's data
+axes (padding PM rows to one length across processes), and
+`sharding.host_rows_in_global_order` puts per-row results back into this order.
 
 Legend: B = per-process batch (global_batch // process_count), L = sequence length.
 """
@@ -309,36 +311,3 @@ def pm_dataset(comparisons: Sequence[Comparison], tokenizer: Tokenizer, *, max_l
     ds = ds.to_iter_dataset(_read_options(num_threads))
     return ds.batch(local, drop_remainder=drop_remainder,
                     batch_fn=lambda rows: collate(rows, buckets, tokenizer.pad_id))
-
-
-def to_global(batch: dict, mesh, data_axes: Sequence[str] = DATA_AXES, pad_id: int = 0) -> dict:
-    """Host-local numpy batch → global `jax.Array`s, batch dim sharded over `data_axes`.
-
-    Non-numeric entries (`subset_B`) stay host-local numpy. With several processes the
-    `*_BxL` arrays are first padded (tokens with `pad_id`, the rest with 0) to the longest
-    length any host has, since PM buckets are chosen per host and shapes must agree.
-    """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(a for a in data_axes if a in mesh.axis_names)
-    sharding = NamedSharding(mesh, PartitionSpec(axes or None))
-    numeric = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        lengths = [v.shape[1] for k, v in numeric.items() if k.endswith("_BxL")]
-        if lengths:
-            length = int(np.max(multihost_utils.process_allgather(np.int32(max(lengths)))))
-            numeric = {k: _pad_to(k, v, length, pad_id) for k, v in numeric.items()}
-    out = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-           for k, v in numeric.items()}
-    out.update({k: v for k, v in batch.items() if k not in numeric})
-    return out
-
-
-def _pad_to(key: str, x: np.ndarray, length: int, pad_id: int) -> np.ndarray:
-    if not key.endswith("_BxL") or x.shape[1] == length:
-        return x
-    fill = pad_id if "tokens" in key else 0
-    return np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=fill)

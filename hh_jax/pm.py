@@ -94,7 +94,9 @@ def pm_loss(params, batch, model: Transformer, lm_coef: float):
     w_B = batch["weight_B"]
     loss = bradley_terry(r_good_B, r_bad_B, w_B)
     aux = {"train/bt_loss": loss,
-           "train/accuracy": ((r_good_B > r_bad_B) * w_B).sum() / jnp.maximum(w_B.sum(), 1e-8),
+           # ties count ½, as in evaluate.pm_report
+           "train/accuracy": (((r_good_B > r_bad_B) + 0.5 * (r_good_B == r_bad_B)) * w_B).sum()
+           / jnp.maximum(w_B.sum(), 1e-8),
            "train/margin": ((r_good_B - r_bad_B) * w_B).sum() / jnp.maximum(w_B.sum(), 1e-8)}
     if lm_coef > 0:  # next-token loss on the chosen dialogue (A21's PMP adds an LM term)
         positions = jnp.arange(chosen_BxL.shape[1])[None, :]
@@ -195,12 +197,12 @@ def score_pairs(score_fn, params, comps, tok, cfg: ConfigDict, mesh) -> dict:
                             drop_remainder=False,
                             buckets=tuple(cfg.get("buckets", ()) or ()) or None, layout=layout)
     rc, rr, w = [], [], []
-    for batch in ds:
+    for batch in ds:  # each process: its rows; gathered back into the data's order
         c, r = score_fn(params, sharding.put_batch(
             {k: v for k, v in batch.items() if v.dtype != object}, mesh))
-        rc.append(np.asarray(jax.device_get(c)))
-        rr.append(np.asarray(jax.device_get(r)))
-        w.append(batch["weight_B"])
+        rc.append(sharding.host_rows_in_global_order(sharding.host_local(c, mesh)))
+        rr.append(sharding.host_rows_in_global_order(sharding.host_local(r, mesh)))
+        w.append(sharding.host_rows_in_global_order(batch["weight_B"]))
     keep = np.concatenate(w) > 0
     rc_sorted, rr_sorted = np.concatenate(rc)[keep], np.concatenate(rr)[keep]
     assert len(rc_sorted) == len(comps), (len(rc_sorted), len(comps))

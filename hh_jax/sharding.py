@@ -91,10 +91,50 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Host-local numpy batch → global arrays split over the data axes.
 
     Each process passes only its own rows (its share of the global batch, in process
-    order); `jax.make_array_from_process_local_data` assembles the global array.
+    order); `jax.make_array_from_process_local_data` assembles the global array. With
+    several processes, `*_BxL` arrays are first right-padded with 0 to the longest length
+    any process has: PM batches pick their bucket from their own rows, and every process
+    must build the same global shape (0 is padding in every `*_BxL` field: masks,
+    segment / branch ids, and tokens past each row's length, which nothing attends to).
     """
-    out = {}
-    for name, x in batch.items():
-        sharding = batch_sharding(mesh)
-        out[name] = jax.make_array_from_process_local_data(sharding, np.asarray(x))
-    return out
+    arrays = {name: np.asarray(x) for name, x in batch.items()}
+    if jax.process_count() > 1:
+        arrays = _pad_lengths_across_processes(arrays)
+    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh), x)
+            for name, x in arrays.items()}
+
+
+def _pad_lengths_across_processes(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from jax.experimental import multihost_utils
+
+    lengths = [x.shape[1] for name, x in arrays.items() if name.endswith("_BxL")]
+    if not lengths:
+        return arrays
+    length = int(np.max(multihost_utils.process_allgather(np.int32(max(lengths)))))
+    return {name: np.pad(x, ((0, 0), (0, length - x.shape[1])))
+            if name.endswith("_BxL") and x.shape[1] < length else x
+            for name, x in arrays.items()}
+
+
+def host_rows_in_global_order(local_B: np.ndarray) -> np.ndarray:
+    """Every process's host-local rows of one batch, in the data pipeline's global order.
+
+    The grain loaders (hh_jax/loaders.py) give process p the elements p, p + P, p + 2P, …
+    of each global batch; gathered and interleaved back, the rows are in the order of
+    the data. One process: the rows themselves."""
+    if jax.process_count() == 1:
+        return np.asarray(local_B)
+    from jax.experimental import multihost_utils
+
+    stacked_PxB = np.asarray(multihost_utils.process_allgather(np.asarray(local_B)))
+    return np.swapaxes(stacked_PxB, 0, 1).reshape(-1, *stacked_PxB.shape[2:])
+
+
+def host_local(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (what it passed to put_batch)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(
+        x, mesh, batch_sharding(mesh).spec))

@@ -238,15 +238,19 @@ def test_orbax_checkpoints_the_iterator(tmp_path):
     assert _same(rest, [next(fresh) for _ in range(6)])
 
 
-def test_to_global_shards_the_batch_over_data_axes(eight_devices):
+def test_put_batch_shards_the_batch_over_data_axes(eight_devices):
     from jax.sharding import Mesh, PartitionSpec
+
+    from hh_jax import sharding
 
     mesh = Mesh(np.asarray(eight_devices).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     batch = next(iter(loaders.pm_dataset(_comps(16), TOK, max_len=64, global_batch=8, seed=0,
                                          process_index=0, process_count=1)))
-    out = loaders.to_global(batch, mesh)
+    out = sharding.put_batch({k: v for k, v in batch.items() if v.dtype != object}, mesh)
     arr = out["chosen_tokens_BxL"]
     assert isinstance(arr, jax.Array) and arr.sharding.spec == PartitionSpec(("data", "fsdp"))
     np.testing.assert_array_equal(np.asarray(arr), batch["chosen_tokens_BxL"])
     assert {s.data.shape[0] for s in arr.addressable_shards} == {2}  # 8 rows over 4 shards
-    assert isinstance(out["subset_B"], np.ndarray)  # strings stay on the host
+    np.testing.assert_array_equal(sharding.host_local(out["weight_B"], mesh), batch["weight_B"])
+    np.testing.assert_array_equal(sharding.host_rows_in_global_order(batch["weight_B"]),
+                                  batch["weight_B"])

@@ -6,6 +6,7 @@ Run as a script, this file is one worker: `python test_multihost.py PORT ID OUT`
 """
 
 import functools
+import json
 import os
 import socket
 import subprocess
@@ -48,6 +49,28 @@ def _setup(mesh):
     return st, st_sh, step, abstract
 
 
+def _pm_eval(params, mesh) -> dict:
+    """pm.score_pairs on 20 comparisons of varied length (each its own subset, so the
+    per-subset accuracies pin every score to its pair), 3 eval batches of 8, fine buckets:
+    the hosts' rows of a batch get different padded lengths."""
+    import jax
+    from ml_collections import ConfigDict
+
+    from hh_jax import data, pm, sharding
+    from hh_jax.model import SIZES, Transformer
+    from hh_jax.tokenizer import ByteTokenizer
+
+    comps = [data.Comparison(subset=f"s{i:02d}", context=f"\n\nHuman: {'q' * (3 * i % 17)}?"
+                             "\n\nAssistant:", chosen=" " + "a" * (i % 7 + 1),
+                             rejected=" " + "b" * (2 * i % 11 + 1), first_human="q", source="t",
+                             line=i + 1, split="heldout") for i in range(20)]
+    cfg = ConfigDict(dict(max_len=64, eval_batch_size=8, pair_layout="shared",
+                          buckets=tuple(range(8, 129, 8))))
+    fn = jax.jit(functools.partial(pm.score_step, model=Transformer(SIZES["test"])))
+    with sharding.activate(mesh):
+        return pm.score_pairs(fn, params, comps, ByteTokenizer(), cfg, mesh)
+
+
 def _run_steps(st, step, batch, mesh):
     from hh_jax import sharding
 
@@ -75,6 +98,11 @@ def worker(port: int, pid: int, out: str) -> None:
     glob = multihost_utils.process_allgather(sharding.put_batch(local, mesh), tiled=True)
     for k, v in batch.items():  # the global batch is the hosts' rows in process order
         np.testing.assert_array_equal(glob[k], v)
+    # rows of different lengths on the two hosts: one global shape, zero-padded
+    ragged = {"x_BxL": np.full((4, 20 + 8 * pid), pid + 1, np.int32)}
+    glob = multihost_utils.process_allgather(sharding.put_batch(ragged, mesh), tiled=True)
+    assert glob["x_BxL"].shape == (8, 28) and (glob["x_BxL"][:4, 20:] == 0).all()
+    report = _pm_eval(st.params, mesh)  # before the steps: the reference's params
     st, m = _run_steps(st, step, local, mesh)
     params = multihost_utils.process_allgather(st.params, tiled=True)
     ckpts = checkpoint.StageCheckpoints(os.path.join(out, "checkpoints"))
@@ -90,6 +118,8 @@ def worker(port: int, pid: int, out: str) -> None:
         flat = {jax.tree_util.keystr(p): np.asarray(x)
                 for p, x in jax.tree_util.tree_leaves_with_path(params)}
         np.savez(os.path.join(out, "result.npz"), loss=float(m["train/loss"]), **flat)
+        with open(os.path.join(out, "pm_eval.json"), "w") as f:
+            json.dump(report, f)
     multihost_utils.sync_global_devices("done")
 
 
@@ -122,6 +152,7 @@ def test_two_processes_match_one_process(tmp_path, eight_devices):
     mesh = sharding.make_mesh((2, 2, 2), eight_devices)  # the single-process reference,
     st, st_sh, step, abstract = _setup(mesh)              # computed while the workers run
     init_head = np.asarray(jax.device_get(st.params["head"]["params"]["kernel"]))
+    ref_eval = _pm_eval(st.params, mesh)
     st, m = _run_steps(st, step, _batch(), mesh)
     logs = []
     for p in procs:
@@ -144,6 +175,15 @@ def test_two_processes_match_one_process(tmp_path, eight_devices):
     assert len(leaves) == len(got.files) - 1
     for path, x in leaves:
         np.testing.assert_allclose(got[jax.tree_util.keystr(path)], x, rtol=1e-5, atol=1e-6)
+    # PM evaluation: each host scored its rows; gathered, every pair keeps its own score
+    with open(tmp_path / "pm_eval.json") as f:
+        got_eval = json.load(f)
+    assert len(ref_eval["per_subset"]) == 20
+    flat_ref, flat_got = (jax.tree_util.tree_leaves_with_path(json.loads(json.dumps(r)))
+                          for r in (ref_eval, got_eval))
+    assert [p for p, _ in flat_got] == [p for p, _ in flat_ref]
+    for (path, x), (_, y) in zip(flat_ref, flat_got, strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
     # the checkpoint the two hosts wrote together restores, complete, in one process
     target = checkpoint.abstract_with_shardings(state.abstract_state(abstract, _opt()), st_sh)
     ckpts = checkpoint.StageCheckpoints(tmp_path / "checkpoints")

@@ -232,3 +232,21 @@ def test_score_pairs_sorts_by_length_and_restores_order():
     rep = pm.score_pairs(fake_pm, None, comps, tok, cfg, mesh)
     assert rep["per_subset"]["a"]["accuracy"] == 1.0
     assert rep["per_subset"]["b"]["accuracy"] == 0.0
+
+
+def test_train_accuracy_counts_ties_as_half_like_the_eval():
+    """A zero head scores every response 0: every pair is a tie, ½ as evaluate.pm_report
+    counts it; a random head's accuracy equals the same count done in numpy."""
+    model = Transformer(SIZES["test"])
+    head = ScalarHead(model.cfg.d_model, use_bias=False)
+    params = {"backbone": model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)),
+              "head": head.init(jax.random.key(1), jnp.zeros((2, model.cfg.d_model)))}
+    batch = _loader_batch("shared")
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params["head"])
+    _, aux = pm.pm_loss({**params, "head": zero}, batch, model, 0.0)
+    assert float(aux["train/accuracy"]) == 0.5
+    rc, rr = (np.asarray(x) for x in pm.score_step(params, batch, model=model))
+    w = batch["weight_B"]
+    want = float((((rc > rr) + 0.5 * (rc == rr)) * w).sum() / w.sum())
+    _, aux = pm.pm_loss(params, batch, model, 0.0)
+    np.testing.assert_allclose(float(aux["train/accuracy"]), want, rtol=1e-6)
