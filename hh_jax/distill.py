@@ -159,13 +159,19 @@ def eval_step(params, teacher_params, prompt_cache, batch, *, model: Transformer
 
 
 def evaluate(eval_fn, params, windows_NxL: np.ndarray, batch_size: int, mesh) -> dict:
-    """Held-out distillation KL and perplexities over fixed windows (exact averages)."""
+    """Held-out distillation KL and perplexities over fixed windows (exact averages), every
+    window scored: the last batch is filled up with weight-0 copies (one batch shape)."""
     sums: dict[str, float] = {}
-    for i in range(0, len(windows_NxL) - batch_size + 1, batch_size):
+    for i in range(0, len(windows_NxL), batch_size):
         tokens = windows_NxL[i:i + batch_size]
-        ones = np.ones_like(tokens, np.float32)
+        weights = np.ones_like(tokens, np.float32)
+        if len(tokens) < batch_size:
+            fill = batch_size - len(tokens)
+            tokens = np.concatenate([tokens, windows_NxL[:fill]])
+            weights = np.concatenate([weights, np.zeros_like(windows_NxL[:fill], np.float32)])
         out = eval_fn(params, sharding.put_batch(
-            {"tokens_BxL": tokens, "mask_BxL": ones.astype(bool), "weights_BxL": ones}, mesh))
+            {"tokens_BxL": tokens, "mask_BxL": np.ones_like(tokens, bool),
+             "weights_BxL": weights}, mesh))
         for name, v in out.items():
             sums[name] = sums.get(name, 0.0) + float(v)
     loss = sums["nll"] / max(sums["tokens"], 1.0)
