@@ -142,14 +142,14 @@ def test_pm_score_ignores_left_padding_of_the_prompt():
     roll = {"tokens_BxT": jnp.concatenate([tok_BxQ, jnp.array(resp)], 1),
             "mask_BxT": jnp.concatenate([mask_BxQ, jnp.ones((len(rows), 4), bool)], 1),
             "lengths_B": jnp.array(lengths), "ended_B": jnp.array(ended)}
-    got = np.asarray(ppo.score_rollout(params, roll, q, pm_model=model, eoc_id=eoc))
-    want = []
-    for r in responses:  # the PM's training layout: context + response + EOC, right-padded
-        body = [t for t in r if t not in (eos, pad)]
-        seq = prompt + body + [eoc]
-        tokens = jnp.array([seq + [pad] * 3])
-        want.append(float(pm.pm_scores(params, tokens, jnp.array([len(seq)]), model=model)[0][0]))
-    np.testing.assert_allclose(got, want * 3, rtol=1e-5, atol=1e-5)
+    score = jax.jit(functools.partial(ppo.score_rollout, q=q, pm_model=model, eoc_id=eoc))
+    got = np.asarray(score(params, roll))
+    seqs = [prompt + [t for t in r if t not in (eos, pad)] + [eoc] for r in responses]
+    # the PM's training layout: context + response + EOC, right-padded
+    tokens = jnp.array([seq + [pad] * (12 - len(seq)) for seq in seqs])
+    want = np.asarray(jax.jit(functools.partial(pm.pm_scores, model=model))(
+        params, tokens, jnp.array([len(seq) for seq in seqs]))[0]).tolist()
+    np.testing.assert_allclose(got, want * 3, rtol=1e-4, atol=1e-4)
     assert abs(want[0] - want[1]) > 1e-3  # the two responses are told apart
 
 
@@ -363,17 +363,18 @@ def test_rollout_sampler_logprobs_equal_recomputed():
         np.testing.assert_allclose(a["logp_BxR"][m], b["logp_BxR"][m], atol=1e-4)
         np.testing.assert_allclose(a["entropy_BxR"][m], b["entropy_BxR"][m], atol=1e-4)
         assert (a["logp_BxR"][~m] == 0).all() and (a["entropy_BxR"][~m] == 0).all()
-    # the default (None): the sampler's log π in float32, a full forward's under bf16
-    for dtype, reuse in (("float32", True), ("bfloat16", False)):
-        m16 = Transformer(mcfg.replace(dtype=dtype))
-        scfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
-        run = {r: jax.jit(functools.partial(
-            ppo.rollout, policy_model=m16, value_model=m16, sample_cfg=scfg, eos_id=1, pad_id=0,
-            temperature=1.0, reuse_sampler_logprobs=r)) for r in (None, reuse)}
-        a, b = (jax.device_get(run[r](st.policy.params, ref, st.value.params, prompts, masks,
-                                      jax.random.key(7))) for r in (None, reuse))
-        np.testing.assert_array_equal(a["logp_BxR"], b["logp_BxR"])
-    assert not np.array_equal(a["logp_BxR"], a["sampler_logp_BxR"])  # bf16: they differ
+    # the default (None) under bf16 compute: log π from a full forward, not the sampler's
+    # (in float32 the default reuses the sampler's: every stage test runs that path)
+    m16 = Transformer(mcfg.replace(dtype="bfloat16"))
+    scfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
+    a, b = (jax.device_get(jax.jit(functools.partial(
+        ppo.rollout, policy_model=m16, value_model=m16, sample_cfg=scfg, eos_id=1, pad_id=0,
+        temperature=1.0, with_values=False, reuse_sampler_logprobs=reuse))(
+            st.policy.params, ref, st.value.params, prompts, masks, jax.random.key(7)))
+        for reuse in (None, False))
+    np.testing.assert_array_equal(a["logp_BxR"], b["logp_BxR"])
+    m = a["mask_BxR"]
+    assert not np.array_equal(a["logp_BxR"][m], a["sampler_logp_BxR"][m])  # bf16: they differ
     scfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
     with pytest.raises(ValueError, match="temperature"):
         ppo.rollout(st.policy.params, ref, st.value.params, prompts, masks, jax.random.key(7),
