@@ -203,10 +203,11 @@ def test_chunked_attention_matches_full_mask_attention(length, chunk):
 
     full = functools.partial(jax.nn.dot_product_attention, mask=mask, implementation="xla")
     ours = functools.partial(chunked_causal_attention, mask_Bx1xLxL=mask, chunk=chunk)
-    np.testing.assert_allclose(ours(q, kk, v) * valid[:, :, None, None],
-                               full(q, kk, v) * valid[:, :, None, None], atol=1e-5, rtol=1e-5)
-    g_ours = jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2))(q, kk, v)
-    g_full = jax.grad(functools.partial(loss, full), argnums=(0, 1, 2))(q, kk, v)
+    np.testing.assert_allclose(jax.jit(ours)(q, kk, v) * valid[:, :, None, None],
+                               jax.jit(full)(q, kk, v) * valid[:, :, None, None], atol=1e-5,
+                               rtol=1e-5)
+    g_ours = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(q, kk, v)
+    g_full = jax.jit(jax.grad(functools.partial(loss, full), argnums=(0, 1, 2)))(q, kk, v)
     for a, b_ in zip(g_ours, g_full, strict=True):
         np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-4)
 
@@ -392,10 +393,11 @@ def test_read_index_runs_last_layer_for_read_tokens_only(test_model):
         hidden = model.apply(p, tokens, mask_BxL=mask, with_logits=False)["hidden_BxLxD"]
         return jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
 
-    np.testing.assert_allclose(read(params), full(params), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(read)(params), jax.jit(full)(params), atol=1e-5,
+                               rtol=1e-5)
     w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, CFG.d_model)), jnp.float32)
-    g_read = jax.grad(lambda p: (read(p) * w).sum())(params)
-    g_full = jax.grad(lambda p: (full(p) * w).sum())(params)
+    g_read = jax.jit(jax.grad(lambda p: (read(p) * w).sum()))(params)
+    g_full = jax.jit(jax.grad(lambda p: (full(p) * w).sum()))(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_read), jax.tree_util.tree_leaves(g_full),
-                    strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+                    strict=True):  # two compiled programs: float32 reassociation, ~1e-5
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
