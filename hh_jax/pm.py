@@ -196,15 +196,16 @@ def score_pairs(score_fn, params, comps, tok, cfg: ConfigDict, mesh) -> dict:
                             global_batch=cfg.eval_batch_size, seed=0, shuffle=False,
                             drop_remainder=False,
                             buckets=tuple(cfg.get("buckets", ()) or ()) or None, layout=layout)
-    rc, rr, w = [], [], []
-    for batch in ds:  # each process: its rows; gathered back into the data's order
+    rows = []  # per batch: (r_chosen, r_rejected, weight) of every row
+    for batch in ds:  # each process: its rows; gathered (once) back into the data's order
         c, r = score_fn(params, sharding.put_batch(
             {k: v for k, v in batch.items() if v.dtype != object}, mesh))
-        rc.append(sharding.host_rows_in_global_order(sharding.host_local(c, mesh)))
-        rr.append(sharding.host_rows_in_global_order(sharding.host_local(r, mesh)))
-        w.append(sharding.host_rows_in_global_order(batch["weight_B"]))
-    keep = np.concatenate(w) > 0
-    rc_sorted, rr_sorted = np.concatenate(rc)[keep], np.concatenate(rr)[keep]
+        local_Bx3 = np.stack([sharding.host_local(c, mesh), sharding.host_local(r, mesh),
+                              batch["weight_B"]], axis=1)
+        rows.append(sharding.host_rows_in_global_order(local_Bx3))
+    rc_all, rr_all, w_all = np.concatenate(rows).T
+    keep = w_all > 0
+    rc_sorted, rr_sorted = rc_all[keep], rr_all[keep]
     assert len(rc_sorted) == len(comps), (len(rc_sorted), len(comps))
     rc, rr = np.empty_like(rc_sorted), np.empty_like(rr_sorted)
     rc[by_length], rr[by_length] = rc_sorted, rr_sorted  # back to the order of comps

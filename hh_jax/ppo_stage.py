@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, data, metrics, ppo, report, sampling, sharding, state
+from hh_jax import checkpoint, data, metrics, ppo, report, report_page, sampling, sharding, state
 from hh_jax.model import ModelConfig, ScalarHead, Transformer
 from hh_jax.optim import make_optimizer
 from hh_jax.tokenizer import load_tokenizer
@@ -345,7 +345,8 @@ def _finish(cfg, stage_dir, st, policy, evals, timing) -> dict:
     summary = {"initial": evals[0], "final": evals[-1], "evals": evals, "sqrt_kl_fit": fit,
                "time_share": {k: timing[k] / split_total for k in phases},
                "seconds_per_iteration": timing["iteration"] / max(timing["n"], 1),
-               "eval_setup": eval_setup(cfg, cfg.ppo.get("temperature", 1.0))}
+               "eval_setup": eval_setup(cfg, cfg.ppo.get("temperature",
+                                                         ppo.PPOConfig.temperature))}
     plot_sqrt_kl(evals, fit, key, os.path.join(stage_dir, "sqrt_kl.png"))
     metrics.write_summary(stage_dir, summary)
     f, i = evals[-1], evals[0]
@@ -368,11 +369,7 @@ def eval_setup(cfg: ConfigDict, temperature: float) -> dict:
 
 
 def plot_sqrt_kl(evals: list[dict], fit: dict, key: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report_page.pyplot()
     x = np.sqrt(np.maximum([e["eval/kl"] for e in evals], 0.0))
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(x, [e[key] for e in evals], "o-", label=f"PPO, {key.split('/')[-1]}")
