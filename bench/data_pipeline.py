@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hh_jax import data, loaders, stackexchange  # noqa: E402
+from hh_jax.data import hh, loaders, stackexchange  # noqa: E402
 from hh_jax.tokenizer import ByteTokenizer, SentencePieceTokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,7 @@ def bench_tokenizer(name, tok, comps, texts, args, rows) -> None:
 
 
 def bench_tfds(tok, args, rows) -> None:
-    from hh_jax import tfds_builders
+    from hh_jax.data import tfds_builders
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -113,7 +113,7 @@ def main() -> None:
     rows = []
     hh_dir = os.path.join(REPO, "data", "hh-rlhf")
     start = time.perf_counter()
-    comps, report = data.load_hh_comparisons(hh_dir, skip_invalid=True)
+    comps, report = hh.load_hh_comparisons(hh_dir, skip_invalid=True)
     t = time.perf_counter() - start
     rows.append(("-", "parse + validate HH jsonl.gz (rows)", "-", report.total.rows / t, None))
     start = time.perf_counter()
@@ -124,7 +124,7 @@ def main() -> None:
     texts = loaders.lm_texts(comps)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        sp = SentencePieceTokenizer.train(loaders.lm_texts(data.select_split(comps, "train")),
+        sp = SentencePieceTokenizer.train(loaders.lm_texts(hh.select_split(comps, "train")),
                                           os.path.join(tmp, "sp"), vocab_size=args.vocab)
         t_train = time.perf_counter() - start
         print(f"trained sentencepiece vocab {args.vocab} in {t_train:.1f}s", file=sys.stderr)

@@ -10,8 +10,8 @@ build and weight dequantization, beside a reference measured in the same run: th
 package's own `GGUFReader` on the same file, and, if `transformers` is installed,
 `AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`.
 
-Perplexity: the chosen dialogues of the held-out split (hh_jax/data.py `split_of`,
-`skip_invalid=True`, deduplicated as the LM stage does: lm_data.dialogue_texts), each
+Perplexity: the chosen dialogues of the held-out split (hh_jax/data/hh.py `split_of`,
+`skip_invalid=True`, deduplicated as the LM stage does: loaders.dialogue_texts), each
 rendered in SmolLM2's chat format (ChatML) by hh_jax.chat.dialogue_ids; per-token
 perplexity over every predicted token and over the Assistant-response tokens only (EOS
 included). With --raw: the raw transcripts + EOS, as the LM stage packs them, with nats per
@@ -113,10 +113,11 @@ def heldout_perplexity(n: int | None, raw: bool, every: int = 1, batch_tokens: i
     import jax.numpy as jnp
     import numpy as np
 
-    from hh_jax import chat, convert, lm_data
+    from hh_jax import chat, convert
+    from hh_jax.data import loaders
     from hh_jax.model import Transformer
 
-    texts = lm_data.dialogue_texts(os.path.join(ROOT, "data", "hh-rlhf"), skip_invalid=True)[0]
+    texts = loaders.dialogue_texts(os.path.join(ROOT, "data", "hh-rlhf"), skip_invalid=True)[0]
     heldout = texts["heldout"][::every][:n] if n else texts["heldout"][::every]
     cfg, params, tok = convert.load_pretrained("smollm2-135m")
     fmt = None if raw else chat.format_for(tok)

@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optax  # noqa: E402
 from reference import ref_hidden, ref_init  # noqa: E402
 
-from hh_jax import data, loaders, pm, sharding, state  # noqa: E402
+from hh_jax import pm, sharding, state  # noqa: E402
+from hh_jax.data import hh, loaders
 from hh_jax.model import SIZES, ScalarHead, Transformer  # noqa: E402
 from hh_jax.tokenizer import SentencePieceTokenizer  # noqa: E402
 
@@ -39,9 +40,9 @@ TRL_ANCHOR = 1846.0
 
 
 def batches(n, batch, max_len, vocab, workdir, layout):
-    comps, _ = data.load_hh_comparisons(os.path.join(os.path.dirname(__file__), "..", "data",
+    comps, _ = hh.load_hh_comparisons(os.path.join(os.path.dirname(__file__), "..", "data",
                                                      "hh-rlhf"), skip_invalid=True)
-    train = data.select_split(comps, "train")
+    train = hh.select_split(comps, "train")
     tok_path = os.path.join(workdir, f"bench_sp{vocab}.model")
     tok = (SentencePieceTokenizer(tok_path) if os.path.exists(tok_path) else
            SentencePieceTokenizer.train([c.context + c.chosen for c in train],

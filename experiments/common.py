@@ -132,7 +132,7 @@ def distill_config(**overrides) -> ConfigDict:
     c = ConfigDict(dict(
         init_from="{workdir}/lm/params",
         teacher="",  # "" → the init_from export; any export with the same tokenizer works
-        prompt_file="",  # "" → hh_jax/prompts/hhh_prompt.txt (see hh_jax/prompts/README.md)
+        prompt_file="",  # "" → hh_jax/data/prompts/hhh_prompt.txt (see its README.md)
         resume="",
         data=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS, skip_invalid=True)),
         seq_len=128,

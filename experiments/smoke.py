@@ -16,7 +16,7 @@ import os
 from common import REPO, bon_config, distill_config, lm_config, pm_config, ppo_config
 from ml_collections import ConfigDict
 
-SHORT_PROMPT = os.path.join(REPO, "hh_jax", "prompts", "hhh_prompt_short.txt")
+SHORT_PROMPT = os.path.join(REPO, "hh_jax", "data", "prompts", "hhh_prompt_short.txt")
 
 
 def get_config(arg: str = "") -> ConfigDict:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from hh_jax.data import split_turns
+from hh_jax.data.hh import split_turns
 from hh_jax.tokenizer import Tokenizer
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -74,7 +74,7 @@ def format_for(tok: Tokenizer) -> ChatFormat:
 
 
 def turns_of(transcript: str) -> list[Turn]:
-    """HH transcript → turns (data.split_turns: text kept raw, leading space included).
+    """HH transcript → turns (hh.split_turns: text kept raw, leading space included).
     A context (ending in "\\n\\nAssistant:") ends with an empty Assistant turn: dropped."""
     turns = split_turns(transcript)
     if turns and turns[-1] == ("Assistant", ""):

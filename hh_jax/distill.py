@@ -27,13 +27,13 @@ import optax
 from jax.scipy.special import xlogy
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, lm_data, losses, metrics, sharding, state, trainer
+from hh_jax import checkpoint, losses, metrics, sharding, state, trainer
+from hh_jax.data import hh, loaders
 from hh_jax.model import ModelConfig, Transformer, init_cache
 from hh_jax.optim import make_optimizer
 from hh_jax.tokenizer import load_tokenizer
 
-DEFAULT_PROMPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts",
-                              "hhh_prompt.txt")
+DEFAULT_PROMPT = os.path.join(hh.PROMPTS_DIR, "hhh_prompt.txt")
 # A finite "-inf" for masked logits: with k == V the rest bucket is empty, and logsumexp
 # over all -inf would give NaN gradients; over -1e30 it gives a finite -1e30 (mass 0).
 _MASKED = -1e30
@@ -226,16 +226,16 @@ def _same_tokenizer(a: str, b: str) -> bool:
 
 def _data(cfg: ConfigDict, tok):
     """Step-indexed train batches, fixed held-out windows, the data report."""
-    texts, report = lm_data.dialogue_texts(cfg.data.hh_dir, list(cfg.data.subsets) or None,
+    texts, report = loaders.dialogue_texts(cfg.data.hh_dir, list(cfg.data.subsets) or None,
                                            cfg.data.skip_invalid)
-    train = lm_data.pack(lm_data.encode_all(tok, texts["train"]), tok.eos_id, cfg.seq_len)
-    held = lm_data.pack(lm_data.encode_all(tok, texts["heldout"]), tok.eos_id, cfg.seq_len)
-    eval_NxL = lm_data.eval_windows(held, cfg.eval_tokens)
+    train = loaders.pack(loaders.encode_all(tok, texts["train"]), tok.eos_id, cfg.seq_len)
+    held = loaders.pack(loaders.encode_all(tok, texts["heldout"]), tok.eos_id, cfg.seq_len)
+    eval_NxL = loaders.eval_windows(held, cfg.eval_tokens)
     if len(eval_NxL) < cfg.batch_size:
         raise ValueError(f"distill: eval_tokens={cfg.eval_tokens} gives {len(eval_NxL)} "
                          f"held-out windows of {cfg.seq_len}, fewer than batch_size "
                          f"{cfg.batch_size}")
-    return lm_data.PackedBatches(train, cfg.batch_size, cfg.seed), eval_NxL, report
+    return loaders.PackedBatches(train, cfg.batch_size, cfg.seed), eval_NxL, report
 
 
 def _import(path: str, model: Transformer, mesh):

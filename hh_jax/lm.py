@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, lm_data, loaders, losses, metrics, sharding, state, trainer
+from hh_jax import checkpoint, losses, metrics, sharding, state, trainer
+from hh_jax.data import loaders
 from hh_jax.model import SIZES, ModelConfig, Transformer
 from hh_jax.optim import make_optimizer
 from hh_jax.tokenizer import unigram_perplexity
@@ -88,12 +89,12 @@ def evaluate(eval_fn, params, batches: list[dict], mesh) -> dict:
 def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     """Runs the LM stage into `stage_dir`; returns its summary."""
     os.makedirs(stage_dir, exist_ok=True)
-    texts, data_report = lm_data.dialogue_texts(cfg.data.hh_dir, list(cfg.data.subsets) or None,
+    texts, data_report = loaders.dialogue_texts(cfg.data.hh_dir, list(cfg.data.subsets) or None,
                                                 cfg.data.skip_invalid)
     print(f"[lm] data: {data_report['comparisons']} comparisons of {data_report['rows']} rows; "
           f"skipped by reason: {data_report['skipped'] or 'none'}; dialogues "
           f"{len(texts['train'])} train / {len(texts['heldout'])} held-out", flush=True)
-    tok = lm_data.get_tokenizer(cfg.tokenizer.kind, texts["train"], stage_dir,
+    tok = loaders.get_tokenizer(cfg.tokenizer.kind, texts["train"], stage_dir,
                                 cfg.tokenizer.vocab_size, cfg.seed)
     train_ds = loaders.lm_dataset(texts["train"], tok, seq_len=cfg.seq_len,
                                   global_batch=cfg.batch_size, seed=cfg.seed)
@@ -132,7 +133,7 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     writer.write(int(st.step), final)
     writer.close()
     # the training stream as the LM sees it (each document ends with EOS, a scored target)
-    train_ids = [np.append(ids, tok.eos_id) for ids in lm_data.encode_all(tok, texts["train"])]
+    train_ids = [np.append(ids, tok.eos_id) for ids in loaders.encode_all(tok, texts["train"])]
     # the tokens the LM is scored on: every weighted target (not a document's first token)
     eval_ids = [b["tokens_BxL"][:, 1:][b["weights_BxL"][:, 1:] > 0] for b in eval_batches]
     unigram = unigram_perplexity(train_ids, eval_ids, tok.vocab_size)

@@ -65,8 +65,8 @@ def _sweep(args, overrides) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["data", "check"]:
-        from hh_jax import data_check
-        return data_check.main(argv[2:])
+        from hh_jax.data import check
+        return check.main(argv[2:])
     parser = argparse.ArgumentParser(prog="hh-jax", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     run = sub.add_parser("run", help="run an experiment's stages: run experiments/x.py[:arg]")

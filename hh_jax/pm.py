@@ -20,18 +20,8 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from hh_jax import (
-    checkpoint,
-    data,
-    evaluate,
-    loaders,
-    losses,
-    metrics,
-    sharding,
-    stackexchange,
-    state,
-    trainer,
-)
+from hh_jax import checkpoint, evaluate, losses, metrics, sharding, state, trainer
+from hh_jax.data import hh, loaders, stackexchange
 from hh_jax.model import SIZES, ModelConfig, ScalarHead, Transformer, gather_at
 from hh_jax.optim import make_optimizer
 from hh_jax.tokenizer import load_tokenizer
@@ -127,16 +117,16 @@ def score_step(params, batch, *, model: Transformer):
 def load_comparisons(dcfg: ConfigDict) -> tuple[list, dict]:
     """Training comparisons of a stage's data config, and the load report's totals."""
     if dcfg.kind == "hh":
-        comps, report = data.load_hh_comparisons(dcfg.hh_dir, subsets=list(dcfg.subsets) or None,
+        comps, report = hh.load_hh_comparisons(dcfg.hh_dir, subsets=list(dcfg.subsets) or None,
                                                  skip_invalid=dcfg.skip_invalid)
-        comps = data.select_split(comps, "train")
+        comps = hh.select_split(comps, "train")
         if dcfg.get("half"):  # robustness protocol (PAPER.md §4.2): train PM vs test PM
             comps = [c for c in comps if half_of(c.first_human) == dcfg.half]
-        comps = data.data_fraction(comps, dcfg.fraction)
+        comps = hh.data_fraction(comps, dcfg.fraction)
     elif dcfg.kind == "stackexchange":
         comps, report = stackexchange.load_stackexchange(
             dcfg.se_dir, binarize=dcfg.binarize, skip_invalid=dcfg.skip_invalid)
-        comps = data.data_fraction(comps, dcfg.fraction)
+        comps = hh.data_fraction(comps, dcfg.fraction)
     else:
         raise ValueError(f"data.kind must be 'hh' or 'stackexchange', got {dcfg.kind!r}")
     total = report.total.to_json()
@@ -257,11 +247,11 @@ def _loader_from(init_stage: str | None, head_init, head_sh):
 
 
 def heldout_pairs(ecfg: ConfigDict) -> list:
-    comps, _ = data.load_hh_comparisons(ecfg.hh_dir, subsets=list(ecfg.subsets) or None,
+    comps, _ = hh.load_hh_comparisons(ecfg.hh_dir, subsets=list(ecfg.subsets) or None,
                                         skip_invalid=True)
-    held = data.select_split(comps, "heldout")
+    held = hh.select_split(comps, "heldout")
     if ecfg.max_pairs and ecfg.max_pairs < len(held):  # a fixed, nested subset
-        held = data.data_fraction(held, ecfg.max_pairs / len(held))
+        held = hh.data_fraction(held, ecfg.max_pairs / len(held))
     return held
 
 
@@ -374,7 +364,7 @@ def eval_export(params_dir: str, files: list[str], out_dir: str, *, skip_invalid
         raise ValueError(f"{params_dir}: a {meta.get('stage')!r} export, not a PM")
     mcfg = ModelConfig(**meta["model"])
     tok = load_tokenizer(checkpoint.tokenizer_spec(params_dir))
-    comps, report = data.load_hh_comparisons(files, skip_invalid=skip_invalid)
+    comps, report = hh.load_hh_comparisons(files, skip_invalid=skip_invalid)
     mesh = sharding.make_mesh(mesh_shape)
     model, head = Transformer(mcfg), ScalarHead(mcfg.d_model, use_bias=False)
     boxed = lambda: {"backbone": model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)),  # noqa

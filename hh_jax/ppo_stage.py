@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, data, metrics, ppo, report, report_page, sampling, sharding, state
+from hh_jax import checkpoint, metrics, ppo, report, report_page, sampling, sharding, state
+from hh_jax.data import hh
 from hh_jax.model import ModelConfig, ScalarHead, Transformer
 from hh_jax.optim import make_optimizer
 from hh_jax.tokenizer import load_tokenizer
@@ -26,10 +27,10 @@ from hh_jax.tokenizer import load_tokenizer
 
 def load_prompts(dcfg: ConfigDict, split: str) -> list[str]:
     """Dialogue contexts (ending in "Assistant:") of one side of the split, deduplicated."""
-    comps, _ = data.load_hh_comparisons(dcfg.hh_dir, subsets=list(dcfg.subsets) or None,
+    comps, _ = hh.load_hh_comparisons(dcfg.hh_dir, subsets=list(dcfg.subsets) or None,
                                         skip_invalid=True)
     seen, out = set(), []
-    for c in data.select_split(comps, split):
+    for c in hh.select_split(comps, split):
         if c.context not in seen:
             seen.add(c.context)
             out.append(c.context)

@@ -119,7 +119,7 @@ def _pad_lengths_across_processes(arrays: dict[str, np.ndarray]) -> dict[str, np
 def host_rows_in_global_order(local_B: np.ndarray) -> np.ndarray:
     """Every process's host-local rows of one batch, in the data pipeline's global order.
 
-    The grain loaders (hh_jax/loaders.py) give process p the elements p, p + P, p + 2P, …
+    The grain loaders (hh_jax/data/loaders.py) give process p the elements p, p + P, p + 2P, …
     of each global batch; gathered and interleaved back, the rows are in the order of
     the data. One process: the rows themselves."""
     if jax.process_count() == 1:

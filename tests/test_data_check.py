@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from hh_jax import data_check
+from hh_jax.data import check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_FILES = sorted(glob.glob(os.path.join(REPO, "data", "hh-rlhf", "*", "test.jsonl.gz")))
@@ -17,7 +17,7 @@ CTX = "\n\nHuman: hi\n\nAssistant:"
 
 def test_shipped_counts_match_provenance(tmp_path, capsys):
     out_json = tmp_path / "counts.json"
-    rc = data_check.main([*HH_FILES, *SE_FILES, "--max-len", "0", "--json", str(out_json)])
+    rc = check.main([*HH_FILES, *SE_FILES, "--max-len", "0", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert rc == 1  # the shipped files hold chosen == rejected rows, which are invalid
     assert "total hh: 4 files  rows 8552  comparisons 8488" in out
@@ -34,7 +34,7 @@ def test_shipped_counts_match_provenance(tmp_path, capsys):
     se = {p.split(os.sep)[2]: f["extra"] for p, f in counts.items() if p.endswith(".xml")}
     assert {s: x["pairs_diff_votes"] for s, x in se.items()} == {
         "beer": 2196, "coffee": 150, "matheducators": 3775}
-    assert data_check.main([*HH_FILES, "--max-len", "0", "--skip-invalid"]) == 0
+    assert check.main([*HH_FILES, "--max-len", "0", "--skip-invalid"]) == 0
     assert "skipped 35: context_mismatch=3 identical=32" in capsys.readouterr().out
 
 
@@ -42,24 +42,24 @@ def test_bad_file_exit_code_and_line(tmp_path, capsys):
     good = json.dumps({"chosen": CTX + " a", "rejected": CTX + " b"})
     path = tmp_path / "x.jsonl"
     path.write_text(f"{good}\n{good}\n{{broken\n\n{good}\n")
-    assert data_check.main([str(path), "--max-len", "16"]) == 1
+    assert check.main([str(path), "--max-len", "16"]) == 1
     out = capsys.readouterr().out
     assert f"{path}:3: invalid_json: " in out
     assert "rows 4  comparisons 3  blank lines 1" in out
     assert "truncations (byte tokenizer, max_len 16): chosen=3 pairs=3 rejected=3" in out
-    assert data_check.main([str(path), "--skip-invalid"]) == 0
+    assert check.main([str(path), "--skip-invalid"]) == 0
     assert "skipped 1: invalid_json=1" in capsys.readouterr().out
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(gzip.compress(((good + "\n") * 50).encode())[:-20])
-    assert data_check.main([str(cut), "--skip-invalid"]) == 1  # nothing usable is left
+    assert check.main([str(cut), "--skip-invalid"]) == 1  # nothing usable is left
     assert f"{cut}:" in capsys.readouterr().out
-    assert data_check.main([str(tmp_path / "missing.jsonl")]) == 2
+    assert check.main([str(tmp_path / "missing.jsonl")]) == 2
 
 
 def test_module_entry_point(tmp_path):
     path = tmp_path / "Posts.xml"
     path.write_text('<?xml version="1.0"?>\n<posts>\n<row Id="1" PostTypeId="1"\n</posts>\n')
-    proc = subprocess.run([sys.executable, "-m", "hh_jax.data_check", str(path), "--max-len",
+    proc = subprocess.run([sys.executable, "-m", "hh_jax.data.check", str(path), "--max-len",
                            "0"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 1
     assert f"{path}:4: xml_error: not well-formed (invalid token)" in proc.stdout

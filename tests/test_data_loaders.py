@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from hh_jax import data, loaders
+from hh_jax.data import hh, loaders
 from hh_jax.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -29,7 +29,7 @@ def _comps(n, seed=0):
     out = []
     for i in range(n):
         ctx = f"\n\nHuman: q{i} {'x' * rng.randint(0, 40)}\n\nAssistant:"
-        out.append(data.Comparison(subset=rng.choice(["a", "b"]), context=ctx,
+        out.append(hh.Comparison(subset=rng.choice(["a", "b"]), context=ctx,
                                    chosen=f" good {i}" + "g" * rng.randint(0, 9),
                                    rejected=f" bad {i}", first_human=f"q{i}", source="f",
                                    line=i + 1, split="train"))

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from hh_jax import data
+from hh_jax.data import hh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_DIR = os.path.join(REPO, "data", "hh-rlhf")
@@ -30,15 +30,15 @@ def _write(path, lines, gz=False):
 
 
 def test_split_turns_hand_example():
-    turns = data.split_turns(CTX + " Sure: Human: is not a turn")
+    turns = hh.split_turns(CTX + " Sure: Human: is not a turn")
     assert turns == [("Human", " Hi there"), ("Assistant", " Hello."), ("Human", " Tell me a joke"),
                      ("Assistant", " Sure: Human: is not a turn")]
-    assert data.split_turns("Human: a\n\nAssistant: b") == [("Human", " a"), ("Assistant", " b")]
-    assert data.split_turns("junk\n\nHuman: a")[0] == ("", "junk")
+    assert hh.split_turns("Human: a\n\nAssistant: b") == [("Human", " a"), ("Assistant", " b")]
+    assert hh.split_turns("junk\n\nHuman: a")[0] == ("", "junk")
 
 
 def test_comparison_is_lossless_and_keyed_by_first_human():
-    comp = data.parse_hh_line(GOOD_ROW.encode(), "f.jsonl", 7, "helpful-base")
+    comp = hh.parse_hh_line(GOOD_ROW.encode(), "f.jsonl", 7, "helpful-base")
     assert comp.context == CTX
     assert (comp.chosen, comp.rejected) == (" Why did the chicken...", " No.")
     assert comp.context + comp.chosen == json.loads(GOOD_ROW)["chosen"]
@@ -60,8 +60,8 @@ def test_comparison_is_lossless_and_keyed_by_first_human():
     (b'{"chosen": "\\ud800", "rejected": "b"}', "invalid_utf8"),
 ])
 def test_each_reason_names_file_and_line(line, reason):
-    with pytest.raises(data.DataError) as info:
-        data.parse_hh_line(line, "dir/f.jsonl", 12, "s")
+    with pytest.raises(hh.DataError) as info:
+        hh.parse_hh_line(line, "dir/f.jsonl", 12, "s")
     assert info.value.reason == reason
     assert str(info.value).startswith(f"dir/f.jsonl:12: {reason}: ")
 
@@ -73,9 +73,9 @@ def test_hand_counted_file(tmp_path):
              GOOD_ROW.replace("Hi there", "Yo"), GOOD_ROW.replace("Hello", "Hey"), "[]"]
     (tmp_path / "s").mkdir()
     path = _write(tmp_path / "s" / "test.jsonl", lines)
-    with pytest.raises(data.DataError, match=r"test.jsonl:3: invalid_json"):
-        data.load_hh_comparisons(path)
-    comps, report = data.load_hh_comparisons(path, skip_invalid=True)
+    with pytest.raises(hh.DataError, match=r"test.jsonl:3: invalid_json"):
+        hh.load_hh_comparisons(path)
+    comps, report = hh.load_hh_comparisons(path, skip_invalid=True)
     r = report.total
     assert (r.rows, r.blank, r.comparisons) == (8, 1, 4)
     assert dict(r.skipped) == {"invalid_json": 1, "identical": 1, "not_string": 1,
@@ -92,44 +92,44 @@ def test_gzip_truncated_and_corrupt(tmp_path):
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(blob[: len(blob) // 2])
     decoded = zlib.decompressobj(31).decompress(blob[: len(blob) // 2])
-    comps, report = data.load_hh_comparisons(str(cut), skip_invalid=True)
+    comps, report = hh.load_hh_comparisons(str(cut), skip_invalid=True)
     r = report.total  # without the CRC no row can be trusted: one error, nothing kept
     assert comps == [] and dict(r.skipped) == {"truncated_gzip": 1} and r.rows == 1
     line = decoded.count(b"\n") + 1
-    with pytest.raises(data.DataError, match=rf"cut.jsonl.gz:{line}: truncated_gzip"):
-        data.load_hh_comparisons(str(cut))
+    with pytest.raises(hh.DataError, match=rf"cut.jsonl.gz:{line}: truncated_gzip"):
+        hh.load_hh_comparisons(str(cut))
     bad = bytearray(blob)
     bad[-6] ^= 0xFF  # inside the CRC32 trailer: every row decodes, none may be trusted
     (tmp_path / "crc.jsonl.gz").write_bytes(bytes(bad))
-    comps, report = data.load_hh_comparisons(str(tmp_path / "crc.jsonl.gz"), skip_invalid=True)
+    comps, report = hh.load_hh_comparisons(str(tmp_path / "crc.jsonl.gz"), skip_invalid=True)
     assert comps == [] and dict(report.total.skipped) == {"corrupt_gzip": 1}
     (tmp_path / "plain.jsonl.gz").write_bytes(b"{}\n")
-    with pytest.raises(data.DataError, match="plain.jsonl.gz:1: corrupt_gzip"):
-        data.load_hh_comparisons(str(tmp_path / "plain.jsonl.gz"))
+    with pytest.raises(hh.DataError, match="plain.jsonl.gz:1: corrupt_gzip"):
+        hh.load_hh_comparisons(str(tmp_path / "plain.jsonl.gz"))
 
 
 def test_multi_member_gzip_bom_crlf_and_long_lines(tmp_path):
     path = tmp_path / "m.jsonl.gz"
     path.write_bytes(gzip.compress(("\ufeff" + GOOD_ROW + "\r\n").encode())
                      + gzip.compress((GOOD_ROW + "\n").encode()))
-    comps, _ = data.load_hh_comparisons(str(path))
+    comps, _ = hh.load_hh_comparisons(str(path))
     assert len(comps) == 2 and comps[0] == dataclasses.replace(comps[1], line=1)
     long_row = _row(CTX + " " + "x" * 5000, CTX + " y")
     plain = _write(tmp_path / "l.jsonl", [GOOD_ROW, long_row, GOOD_ROW])
-    comps, report = data.load_hh_comparisons(plain, skip_invalid=True, max_line_bytes=4096)
+    comps, report = hh.load_hh_comparisons(plain, skip_invalid=True, max_line_bytes=4096)
     assert [c.line for c in comps] == [1, 3]
     assert dict(report.total.skipped) == {"line_too_long": 1}
-    assert len(data.load_hh_comparisons(plain)[0]) == 3  # the default limit is 8 MiB
+    assert len(hh.load_hh_comparisons(plain)[0]) == 3  # the default limit is 8 MiB
 
 
 def test_shipped_files_match_provenance():
     """PROVENANCE.md: rows 2312/2354/1137/2749; shared context in 2307/2312, 2345/2354,
     1137/1137, 2746/2749; identical chosen==rejected 0, 2, 2, 32."""
-    comps, report = data.load_hh_comparisons(HH_DIR, skip_invalid=True)
+    comps, report = hh.load_hh_comparisons(HH_DIR, skip_invalid=True)
     by_file = {os.path.dirname(r.path): r for r in report.files}
-    rows = {s: by_file[s].rows for s in data.SUBSETS}
-    assert rows == dict(zip(data.SUBSETS, (2312, 2354, 1137, 2749), strict=True))
-    for s, mismatch, identical in zip(data.SUBSETS, (5, 9, 0, 3), (0, 2, 2, 32), strict=True):
+    rows = {s: by_file[s].rows for s in hh.SUBSETS}
+    assert rows == dict(zip(hh.SUBSETS, (2312, 2354, 1137, 2749), strict=True))
+    for s, mismatch, identical in zip(hh.SUBSETS, (5, 9, 0, 3), (0, 2, 2, 32), strict=True):
         assert by_file[s].skipped["context_mismatch"] == mismatch
         assert by_file[s].skipped["identical"] == identical
     total = report.total

@@ -10,7 +10,7 @@ import zlib
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from hh_jax import data
+from hh_jax.data import hh
 
 LIMIT = 2048  # max_line_bytes in these tests, so "huge lines" stay cheap
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -98,26 +98,26 @@ def _confirm(reason: str, raw: bytes) -> bool:
 
 def _check(path: str, lines_bytes: list[bytes]) -> None:
     """lines_bytes: the file's lines as an independent reader sees them."""
-    items = list(data.iter_hh_file(path, max_line_bytes=LIMIT))
+    items = list(hh.iter_hh_file(path, max_line_bytes=LIMIT))
     nonblank = [n for n, raw in enumerate(lines_bytes, 1) if raw.strip()]
     seen = [(it.line, it) for it in items]
     assert [n for n, _ in seen] == nonblank  # every non-blank line accounted for, once
     for n, it in seen:
         raw = lines_bytes[n - 1]
-        if isinstance(it, data.DataError):
+        if isinstance(it, hh.DataError):
             assert str(it).startswith(f"{path}:{n}: {it.reason}: ")
             assert _confirm(it.reason, raw), (it, raw)
         else:
             row = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
             assert it.context + it.chosen == row["chosen"]
             assert it.context + it.rejected == row["rejected"]
-    _, report = data.load_hh_comparisons(path, skip_invalid=True, max_line_bytes=LIMIT)
+    _, report = hh.load_hh_comparisons(path, skip_invalid=True, max_line_bytes=LIMIT)
     total = report.total
     assert total.rows == len(nonblank) == total.comparisons + sum(total.skipped.values())
-    errors = [it for it in items if isinstance(it, data.DataError)]
+    errors = [it for it in items if isinstance(it, hh.DataError)]
     try:
-        comps, _ = data.load_hh_comparisons(path, max_line_bytes=LIMIT)
-    except data.DataError as e:
+        comps, _ = hh.load_hh_comparisons(path, max_line_bytes=LIMIT)
+    except hh.DataError as e:
         assert errors and str(e) == str(errors[0])
     else:
         assert not errors and len(comps) == len(nonblank)
@@ -160,9 +160,9 @@ def test_damaged_gzip_keeps_only_intact_rows(lines, draw):
         path = os.path.join(tmp, "test.jsonl.gz")
         with open(path, "wb") as f:
             f.write(bytes(blob))
-        items = list(data.iter_hh_file(path, max_line_bytes=LIMIT))
-        original = {it.line: it for it in data.iter_hh_file(_plain(tmp, payload))}
-        damaged = [it for it in items if isinstance(it, data.DataError)
+        items = list(hh.iter_hh_file(path, max_line_bytes=LIMIT))
+        original = {it.line: it for it in hh.iter_hh_file(_plain(tmp, payload))}
+        damaged = [it for it in items if isinstance(it, hh.DataError)
                    and it.reason in ("corrupt_gzip", "truncated_gzip")]
         if damaged:  # one clean error at the line where decoding stopped; no row used
             assert items == damaged
@@ -178,9 +178,9 @@ def test_damaged_gzip_keeps_only_intact_rows(lines, draw):
                 assert payload.startswith(prefix)
                 assert damaged[0].line == prefix.count(b"\n") + 1
         else:  # header-only damage (e.g. mtime): the file reads exactly as before
-            assert [str(it) if isinstance(it, data.DataError) else vars(it) | {"source": ""}
+            assert [str(it) if isinstance(it, hh.DataError) else vars(it) | {"source": ""}
                     for it in items] == [
-                str(it).replace(_plain(tmp, payload), path) if isinstance(it, data.DataError)
+                str(it).replace(_plain(tmp, payload), path) if isinstance(it, hh.DataError)
                 else vars(it) | {"source": ""} for it in original.values()]
 
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from hh_jax import data, stackexchange
+from hh_jax.data import hh, stackexchange
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SE_DIR = os.path.join(REPO, "data", "stackexchange")
@@ -80,7 +80,7 @@ def test_bad_rows_name_their_line(tmp_path, row, line, reason):
             f"  {row}\n  <row Id=\"6\" PostTypeId=\"2\" ParentId=\"1\" Score=\"3\" Body=\"y\" />\n"
             "</posts>\n")
     path = _write(tmp_path, text)
-    with pytest.raises(data.DataError) as info:
+    with pytest.raises(hh.DataError) as info:
         stackexchange.load_stackexchange(path)
     assert str(info.value).startswith(f"{path}:{line}: {reason}: ")
     _, report = stackexchange.load_stackexchange(path, skip_invalid=True)
@@ -94,7 +94,7 @@ def test_invalid_utf8_is_an_xml_error(tmp_path):
     path.mkdir()
     (path / "Posts.xml").write_bytes(b'<?xml version="1.0" encoding="utf-8"?>\n<posts>\n'
                                      b'  <row Id="1" Body="\xff" />\n</posts>\n')
-    with pytest.raises(data.DataError, match=r"Posts.xml:3: xml_error: not well-formed"):
+    with pytest.raises(hh.DataError, match=r"Posts.xml:3: xml_error: not well-formed"):
         stackexchange.load_stackexchange(str(path / "Posts.xml"))
 
 

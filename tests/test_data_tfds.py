@@ -8,7 +8,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from hh_jax import data, loaders, tfds_builders  # noqa: E402
+from hh_jax.data import hh, loaders, tfds_builders  # noqa: E402
 from hh_jax.tokenizer import ByteTokenizer  # noqa: E402
 
 tfds.disable_progress_bar()
@@ -41,7 +41,7 @@ def test_hh_builder_round_trip(tmp_path):
     builder = tfds_builders.prepare("hh_rlhf/all", tmp_path / "tfds", source_dir=src,
                                     skip_invalid=True)
     assert "tensorflow" not in sys.modules
-    comps, report = data.load_hh_comparisons(str(src), skip_invalid=True)
+    comps, report = hh.load_hh_comparisons(str(src), skip_invalid=True)
     want = {}
     for c in comps:  # split names: <file stem>_<hash side>
         want.setdefault(f"{c.source.split('/')[-1].split('.')[0]}_{c.split}", set()).add(_key(c))
@@ -73,7 +73,7 @@ def test_hh_builder_per_subset_and_strict(tmp_path):
     subsets = {tfds_builders.comparison_from_record(r).subset
                for name in builder.info.splits for r in builder.as_data_source(split=name)}
     assert subsets == {"helpful-base"}
-    with pytest.raises(data.DataError, match=r"harmless-base/test.jsonl.gz:3: identical"):
+    with pytest.raises(hh.DataError, match=r"harmless-base/test.jsonl.gz:3: identical"):
         tfds_builders.prepare("hh_rlhf/harmless-base", tmp_path / "tfds", source_dir=src)
 
 

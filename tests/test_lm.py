@@ -85,7 +85,7 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
 def test_loss_never_crosses_a_document_boundary():
     """Every scored target is predicted from its own document: target t+1 is weighted iff
     tokens t and t+1 are real and in the same document piece (a slow loop over the rows)."""
-    from hh_jax import loaders
+    from hh_jax.data import loaders
     from hh_jax.tokenizer import ByteTokenizer
 
     texts = ["abc", "defg", "hi", "jklmnop", "q", "rstuv", "wx", "yz!"]

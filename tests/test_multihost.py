@@ -56,11 +56,12 @@ def _pm_eval(params, mesh) -> dict:
     import jax
     from ml_collections import ConfigDict
 
-    from hh_jax import data, pm, sharding
+    from hh_jax import pm, sharding
+    from hh_jax.data import hh
     from hh_jax.model import SIZES, Transformer
     from hh_jax.tokenizer import ByteTokenizer
 
-    comps = [data.Comparison(subset=f"s{i:02d}", context=f"\n\nHuman: {'q' * (3 * i % 17)}?"
+    comps = [hh.Comparison(subset=f"s{i:02d}", context=f"\n\nHuman: {'q' * (3 * i % 17)}?"
                              "\n\nAssistant:", chosen=" " + "a" * (i % 7 + 1),
                              rejected=" " + "b" * (2 * i % 11 + 1), first_human="q", source="t",
                              line=i + 1, split="heldout") for i in range(20)]

@@ -15,7 +15,8 @@ import pytest
 from ml_collections import ConfigDict
 from resume_helpers import run_whole_and_resumed
 
-from hh_jax import checkpoint, data, evaluate, experiment, loaders, pm, sharding, state
+from hh_jax import checkpoint, evaluate, experiment, pm, sharding, state
+from hh_jax.data import hh, loaders
 from hh_jax.model import SIZES, ScalarHead, Transformer
 from hh_jax.tokenizer import ByteTokenizer
 
@@ -104,7 +105,7 @@ def _pm_state(mesh, model, opt):
 def _loader_batch(layout, n=8, max_len=200, seed=0):
     """One batch of n synthetic pairs (byte tokens) in the given layout, numeric keys only."""
     rng = np.random.default_rng(seed)
-    comps = [data.Comparison(
+    comps = [hh.Comparison(
         subset="helpful-base", context=f"\n\nHuman: question {i} " + "x" * rng.integers(0, 60)
         + "\n\nAssistant:", chosen=" yes " + "y" * rng.integers(0, 30),
         rejected=" no " + "n" * rng.integers(0, 30), first_human=f"q{i}", source="t", line=i,
@@ -204,7 +205,7 @@ def test_experiment_pm_split_has_no_heldout_pairs():
     config = experiment.load_config(os.path.join(REPO, "experiments", "smoke.py"))
     comps, _ = pm.load_comparisons(config.pm.data)
     assert comps and all(c.split == "train" for c in comps)
-    assert all(data.split_of(c.first_human) == "train" for c in comps)
+    assert all(hh.split_of(c.first_human) == "train" for c in comps)
 
 
 def test_score_pairs_sorts_by_length_and_restores_order():
@@ -214,7 +215,7 @@ def test_score_pairs_sorts_by_length_and_restores_order():
     the scores are put back in the order of the pairs."""
     rng = np.random.default_rng(3)
     lengths = rng.permutation(np.arange(1, 80))[:37]  # distinct, in no particular order
-    comps = [data.Comparison(subset="a" if i % 2 else "b",
+    comps = [hh.Comparison(subset="a" if i % 2 else "b",
                              context="\n\nHuman: " + "q" * int(n) + "\n\nAssistant:",
                              chosen=" c", rejected=" r", first_human=str(i), source="t", line=i,
                              split="heldout") for i, n in enumerate(lengths)]

@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from xml.parsers import expat
 
-from hh_jax.data import (
+from hh_jax.data.hh import (
     ASSISTANT,
     Comparison,
     DataError,

@@ -1,14 +1,14 @@
 """TFDS builders `hh_rlhf` and `stackexchange_pmp` (array_record; TensorFlow not needed).
 
-Both write the same record schema (the fields of `data.Comparison`) and both validate
-their input with the loaders of `data.py` / `stackexchange.py`, so a build fails on bad
+Both write the same record schema (the fields of `hh.Comparison`) and both validate
+their input with the loaders of `hh.py` / `stackexchange.py`, so a build fails on bad
 input exactly like `hh-jax data check`, or with `skip_invalid=True` stores the skipped
 counts by reason in the dataset's metadata (`builder.info.metadata["report"]`).
 
 hh_rlhf: one config per subset plus "all"; reads `<source_dir>/<subset>/<name>.jsonl.gz`
 (the official layout, so a user's full train files work unchanged). TFDS split names are
 `<name>_<side>`, e.g. `test_train` / `test_heldout` for the shipped test files, where the
-side is the fixed hash split (`data.split_of`); `hh_split(builder, "test")` spells
+side is the fixed hash split (`hh.split_of`); `hh_split(builder, "test")` spells
 `test_train+test_heldout` for all of a file (TFDS stores no empty split).
 stackexchange_pmp: configs "binarized" (A21's GOOD/BAD) and "ranked"; splits `train` /
 `heldout` by the same hash rule on the question text.
@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from hh_jax import data, stackexchange
+from hh_jax.data import hh, stackexchange
 
 _TEXT_FIELDS = ("subset", "context", "chosen", "rejected", "first_human", "source", "split",
                 "attribution")
@@ -40,15 +40,15 @@ def _features() -> tfds.features.FeaturesDict:
         {**{k: tfds.features.Text() for k in _TEXT_FIELDS}, "line": np.int32})
 
 
-def _record(comp: data.Comparison) -> dict:
+def _record(comp: hh.Comparison) -> dict:
     return {**{k: getattr(comp, k) for k in _TEXT_FIELDS}, "line": comp.line}
 
 
-def comparison_from_record(record: dict) -> data.Comparison:
+def comparison_from_record(record: dict) -> hh.Comparison:
     """Decodes one record of an `as_data_source(...)` back into a Comparison."""
     text = {k: v.decode("utf-8") if isinstance(v, bytes) else str(v)
             for k, v in record.items() if k in _TEXT_FIELDS}
-    return data.Comparison(line=int(record["line"]), **text)
+    return hh.Comparison(line=int(record["line"]), **text)
 
 
 class ComparisonSource:
@@ -61,7 +61,7 @@ class ComparisonSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> data.Comparison:
+    def __getitem__(self, index: int) -> hh.Comparison:
         return comparison_from_record(self._source[index])
 
 
@@ -111,10 +111,10 @@ class _ComparisonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     def source_files(self, src: str) -> list[tuple[str, str]]:
         raise NotImplementedError
 
-    def load(self, src: str) -> tuple[list[data.Comparison], data.LoadReport]:
+    def load(self, src: str) -> tuple[list[hh.Comparison], hh.LoadReport]:
         raise NotImplementedError
 
-    def split_name(self, comp: data.Comparison) -> str:
+    def split_name(self, comp: hh.Comparison) -> str:
         raise NotImplementedError
 
     def _split_generators(self, dl_manager):
@@ -123,7 +123,7 @@ class _ComparisonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         files = self.source_files(src)
         self.info.metadata["report"] = report.to_json()
         self.info.metadata["fingerprint"] = fingerprint(files, self.skip_invalid)
-        by_split: dict[str, list[tuple[int, data.Comparison]]] = {}  # TFDS: none empty
+        by_split: dict[str, list[tuple[int, hh.Comparison]]] = {}  # TFDS: none empty
         for i, comp in enumerate(comps):
             by_split.setdefault(self.split_name(comp), []).append((i, comp))
         return {name: self._generate_examples(items) for name, items in sorted(by_split.items())}
@@ -139,7 +139,7 @@ class HhRlhf(_ComparisonBuilder):
     Human turn."""
 
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=s, description=f"HH-RLHF {s}")
-                       for s in (*data.SUBSETS, "all")]
+                       for s in (*hh.SUBSETS, "all")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official files in <manual_dir>/<subset>/"
                                     "{train,test}.jsonl.gz (github.com/anthropics/hh-rlhf).")
 
@@ -147,10 +147,10 @@ class HhRlhf(_ComparisonBuilder):
         return None if self.builder_config.name == "all" else (self.builder_config.name,)
 
     def source_files(self, src):
-        return data.find_hh_files(src, self._subsets())
+        return hh.find_hh_files(src, self._subsets())
 
     def load(self, src):
-        return data.load_hh_comparisons(src, subsets=self._subsets(),
+        return hh.load_hh_comparisons(src, subsets=self._subsets(),
                                         skip_invalid=self.skip_invalid)
 
     def split_name(self, comp):

@@ -1,5 +1,5 @@
 """HH-RLHF comparisons: dialogue parsing, validation, splits, fractions (lines come from
-hh_jax.jsonl_reader, which streams jsonl(.gz) files with file:line errors).
+hh_jax.data.jsonl_reader, which streams jsonl(.gz) files with file:line errors).
 
 A row of the official files is `{"chosen": str, "rejected": str}`, two full transcripts
 `"\\n\\nHuman: ...\\n\\nAssistant: ..."` identical up to the last Assistant turn (PAPER.md
@@ -25,13 +25,14 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
-from hh_jax.jsonl_reader import MAX_LINE_BYTES, DataError, read_lines
+from hh_jax.data.jsonl_reader import MAX_LINE_BYTES, DataError, read_lines
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HELDOUT_DIGITS = "0123"
 FRACTION_SALT = "hh_jax/data-fraction/v1"
 MAX_LISTED_ERRORS = 20  # errors kept verbatim per file; the rest are only counted
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")  # HHH
 _TURN_RE = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 

@@ -1,4 +1,4 @@
-"""Reading jsonl(.gz) files line by line, for the data layer (hh_jax.data).
+"""Reading jsonl(.gz) files line by line, for the data layer (hh_jax.data.hh).
 
 Every problem is a `DataError` whose message starts with `file:line: reason:`. Gzip is
 detected by its magic bytes and decoded in bounded chunks (no decompression bombs); a

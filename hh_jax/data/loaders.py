@@ -1,10 +1,12 @@
-"""grain input pipelines: LM text batches (packed) and PM pair batches (bucketed).
+"""Input pipelines: LM text (deterministic packed windows, and grain packing with
+segments) and PM pair batches (grain, bucketed).
 
-Both pipelines are `grain.IterDataset`s; `iter(ds)` gives a `grain.DatasetIterator` whose
-`get_state()` is a small JSON-able dict and `set_state(state)` resumes it exactly (the
+The grain pipelines are `grain.IterDataset`s; `iter(ds)` gives a `grain.DatasetIterator`
+whose `get_state()` is a small JSON-able dict and `set_state(state)` resumes it exactly (the
 same batches the uninterrupted iterator would yield). To checkpoint it with the model
 through orbax, pass `grain.checkpoint.CheckpointSave(iterator)` /
 `grain.checkpoint.CheckpointRestore(iterator)` as one item of `ocp.args.Composite`.
+`PackedBatches` has no iterator state: batch t is a pure function of (windows, seed, t).
 
 Order is a pure function of (data, seed): every process shuffles the same global order
 and keeps elements `process_index::process_count`, so the union of the host-local batches
@@ -19,16 +21,16 @@ Legend: B = per-process batch (global_batch // process_count), L = sequence leng
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from hh_jax.data import Comparison
-from hh_jax.tokenizer import Tokenizer
-
-DATA_AXES = ("data", "fsdp")  # mesh axes the batch dimension is sharded over
+from hh_jax.data import hh
+from hh_jax.data.hh import Comparison
+from hh_jax.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -100,9 +102,9 @@ def _lm_batch(rows: Sequence[dict]) -> dict:
 class _PackIterDataset(grain.IterDataset):
     """Concatenate-then-split packing into rows of `seq_len` tokens (see lm_dataset).
 
-    Written here rather than grain's ConcatThenSplitIterDataset: same rows (tested), about
-    3x faster, and its state (parent state before the current text + offset in it)
-    restores in O(1) instead of replaying.
+    Written here rather than grain's ConcatThenSplitIterDataset: the same rows (tested), a
+    faster loop (BENCHMARKS.md), and a state (the parent's state before the current text +
+    the offset in it) that restores in O(1) instead of replaying.
     """
 
     def __init__(self, parent: grain.IterDataset, seq_len: int):
@@ -156,6 +158,91 @@ class _PackIterator(grain.DatasetIterator):
             self._doc, self._offset = next(self._parent)["tokens"], state["offset"]
 
 
+# ------------------------------------------------------- LM text: packed windows
+def dialogue_texts(hh_dir: str, subsets: list[str] | None = None, skip_invalid: bool = False
+                   ) -> tuple[dict[str, list[str]], dict]:
+    """{"train": [...], "heldout": [...]} chosen transcripts split by the project's rule,
+    and the load report's totals (rows skipped by reason when `skip_invalid`)."""
+    comparisons, report = hh.load_hh_comparisons(hh_dir, subsets=subsets,
+                                                 skip_invalid=skip_invalid)
+    out: dict[str, list[str]] = {"train": [], "heldout": []}
+    seen: set[str] = set()
+    for c in comparisons:
+        text = c.context + c.chosen
+        if text not in seen:  # chosen transcripts repeat across subsets rarely; count once
+            seen.add(text)
+            out[c.split].append(text)
+    total = report.total.to_json()
+    return out, {"rows": total["rows"], "comparisons": total["comparisons"],
+                 "skipped": total["skipped"]}
+
+
+def get_tokenizer(spec: str, train_texts: list[str], stage_dir: str, vocab_size: int,
+                  seed: int) -> Tokenizer:
+    """`"sentencepiece"` trains one on the train split (once; reused on resume),
+    `"byte"` or a `.model` path loads."""
+    if spec != "sentencepiece":
+        return load_tokenizer(spec)
+    prefix = os.path.join(stage_dir, "tokenizer")
+    if os.path.exists(prefix + ".model"):
+        return SentencePieceTokenizer(prefix + ".model")
+    os.makedirs(stage_dir, exist_ok=True)
+    return SentencePieceTokenizer.train(train_texts, prefix, vocab_size, seed=seed)
+
+
+def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(tokenizer.encode(t), np.int32) for t in texts]
+
+
+def pack(token_lists: list[np.ndarray], eos_id: int, seq_len: int) -> np.ndarray:
+    """Concatenates documents with EOS after each and cuts windows_NxL (tail dropped)."""
+    stream = np.concatenate([np.append(ids, eos_id) for ids in token_lists]).astype(np.int32)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"not enough text for one window of {seq_len} tokens "
+                         f"({len(stream)} tokens)")
+    return stream[: n * seq_len].reshape(n, seq_len)
+
+
+class PackedBatches:
+    """Deterministic batches of packed windows; `batch(step)` needs no iterator state."""
+
+    def __init__(self, windows_NxL: np.ndarray, batch_size: int, seed: int):
+        if len(windows_NxL) < batch_size:
+            raise ValueError(f"{len(windows_NxL)} windows < batch size {batch_size}")
+        self.windows_NxL, self.batch_size, self.seed = windows_NxL, batch_size, seed
+        self.per_epoch = len(windows_NxL) // batch_size
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.windows_NxL))
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1
+              ) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch for `step`."""
+        epoch, i = divmod(step, self.per_epoch)
+        rows = self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        rows = np.array_split(rows, process_count)[process_index]
+        tokens_BxL = self.windows_NxL[rows]
+        ones = np.ones_like(tokens_BxL, dtype=np.float32)
+        return {"tokens_BxL": tokens_BxL, "mask_BxL": ones.astype(bool), "weights_BxL": ones}
+
+    def state(self, step: int) -> dict:
+        return {"step": int(step), "seed": self.seed, "windows": int(len(self.windows_NxL))}
+
+    def check_state(self, state: dict, where: str) -> None:
+        mine = self.state(state.get("step", 0))
+        if state != mine:
+            raise ValueError(f"{where}: checkpointed data position {state} does not match this "
+                             f"run's data {mine}; the data or seed changed since the checkpoint")
+
+
+def eval_windows(windows_NxL: np.ndarray, max_tokens: int) -> np.ndarray:
+    """The first windows up to `max_tokens` (fixed, so every eval scores the same text)."""
+    n = max(1, min(len(windows_NxL), max_tokens // windows_NxL.shape[1]))
+    return windows_NxL[:n]
+
+
+# ------------------------------------------------------------------ PM pairs
 def length_buckets(max_len: int, step: int = 64) -> tuple[int, ...]:
     """Padded lengths a PM batch may take: every multiple of `step` below max_len, then
     max_len. With length-grouped batches (pm.length_grouped) a batch wastes less than

@@ -13,7 +13,9 @@ import json
 import os
 import sys
 
-from hh_jax import data, stackexchange
+from hh_jax.data import hh, stackexchange
+from hh_jax.data.loaders import count_truncations
+from hh_jax.tokenizer import load_tokenizer
 
 _HH_EXT, _XML_EXT = (".jsonl", ".jsonl.gz"), (".xml",)
 
@@ -32,10 +34,10 @@ def _expand(paths: list[str]) -> list[str]:
     return out
 
 
-def check_hh(path: str, args) -> tuple[data.FileReport, list[data.Comparison]]:
-    report, comps = data.FileReport(path), []
-    for item in data.iter_hh_file(path, report, max_line_bytes=args.max_line_bytes):
-        if isinstance(item, data.DataError):
+def check_hh(path: str, args) -> tuple[hh.FileReport, list[hh.Comparison]]:
+    report, comps = hh.FileReport(path), []
+    for item in hh.iter_hh_file(path, report, max_line_bytes=args.max_line_bytes):
+        if isinstance(item, hh.DataError):
             report.add_error(item)
         else:
             report.add(item)
@@ -43,7 +45,7 @@ def check_hh(path: str, args) -> tuple[data.FileReport, list[data.Comparison]]:
     return report, comps
 
 
-def check_posts(path: str, args) -> tuple[data.FileReport, list[data.Comparison]]:
+def check_posts(path: str, args) -> tuple[hh.FileReport, list[hh.Comparison]]:
     comps, load = stackexchange.load_stackexchange([path], binarize=True, skip_invalid=True)
     return load.files[0], comps
 
@@ -52,7 +54,7 @@ def _fmt(counter) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(counter.items())) or "-"
 
 
-def _print_report(r: data.FileReport, trunc, args, out) -> None:
+def _print_report(r: hh.FileReport, trunc, args, out) -> None:
     print(f"{r.path}  [{r.kind}]", file=out)
     if r.kind == "hh":
         print(f"  rows {r.rows}  comparisons {r.comparisons}  blank lines {r.blank}", file=out)
@@ -87,9 +89,9 @@ def main(argv: list[str]) -> int:
                     "for the truncation counts")
     ap.add_argument("--max-len", type=int, default=1024, help="PM context length in tokens "
                     "(PAPER.md §3); 0 skips the truncation counts")
-    ap.add_argument("--max-errors", type=int, default=data.MAX_LISTED_ERRORS,
+    ap.add_argument("--max-errors", type=int, default=hh.MAX_LISTED_ERRORS,
                     help="invalid rows listed per file")
-    ap.add_argument("--max-line-bytes", type=int, default=data.MAX_LINE_BYTES)
+    ap.add_argument("--max-line-bytes", type=int, default=hh.MAX_LINE_BYTES)
     ap.add_argument("--json", metavar="OUT", help="also write the counts as JSON here")
     args = ap.parse_args(argv)
     try:
@@ -99,8 +101,6 @@ def main(argv: list[str]) -> int:
         return 2
     tokenizer = None
     if args.max_len > 0:
-        from hh_jax.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(args.tokenizer)
     status, reports, dump = 0, [], []
     for path in files:
@@ -108,8 +108,6 @@ def main(argv: list[str]) -> int:
         report, comps = check(path, args)
         trunc = None
         if tokenizer is not None:
-            from hh_jax.loaders import count_truncations
-
             trunc = count_truncations(comps, tokenizer, args.max_len)
         _print_report(report, trunc, args, sys.stdout)
         reports.append(report)
@@ -129,12 +127,12 @@ def main(argv: list[str]) -> int:
     return status
 
 
-def _print_totals(reports: list[data.FileReport]) -> None:
+def _print_totals(reports: list[hh.FileReport]) -> None:
     for kind in ("hh", "stackexchange"):
         rs = [r for r in reports if r.kind == kind]
         if len(rs) < 2:
             continue
-        total = data.LoadReport(rs).total
+        total = hh.LoadReport(rs).total
         line = (f"total {kind}: {len(rs)} files  rows {total.rows}  comparisons "
                 f"{total.comparisons}  split {_fmt(total.splits)}  invalid {_fmt(total.skipped)}")
         if kind == "stackexchange":
