@@ -38,11 +38,11 @@ mode = sys.argv[1]
 def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 out = {}
 if mode == "ours":
-    from hh_jax import convert, gguf_file
+    from hh_jax.pretrained import convert, gguf_file, registry
     from hh_jax.tokenizer import BPETokenizer
     out["import_s"] = time.perf_counter() - t0
     out["rss_after_import_mb"] = rss()
-    path = convert.pretrained_path("smollm2-135m")
+    path = registry.pretrained_path("smollm2-135m")
     t = time.perf_counter(); g = gguf_file.read_gguf(path)
     out["header_s"] = time.perf_counter() - t
     t = time.perf_counter(); BPETokenizer.from_gguf_metadata(g.metadata)
@@ -52,17 +52,17 @@ if mode == "ours":
     out["param_mb"] = sum(x.nbytes for x in __import__("jax").tree_util.tree_leaves(params)) / 2**20
 elif mode == "gguf_reader":
     import gguf
-    from hh_jax import convert
-    path = convert.pretrained_path("smollm2-135m")
+    from hh_jax.pretrained import registry
+    path = registry.pretrained_path("smollm2-135m")
     t = time.perf_counter(); r = gguf.GGUFReader(path); out["header_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for x in r.tensors: gguf.quants.dequantize(x.data, x.tensor_type)
     out["dequantize_s"] = time.perf_counter() - t
 else:
     import os, torch, transformers
-    from hh_jax import convert
+    from hh_jax.pretrained import registry
     os.environ["HF_HUB_OFFLINE"] = "1"
-    d, f = os.path.split(convert.pretrained_path("smollm2-135m"))
+    d, f = os.path.split(registry.pretrained_path("smollm2-135m"))
     out["import_s"] = time.perf_counter() - t0
     t = time.perf_counter()
     transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
@@ -113,9 +113,10 @@ def heldout_perplexity(n: int | None, raw: bool, every: int = 1, batch_tokens: i
     import jax.numpy as jnp
     import numpy as np
 
-    from hh_jax import chat, convert
+    from hh_jax import chat
     from hh_jax.data import loaders
     from hh_jax.model import Transformer
+    from hh_jax.pretrained import convert
 
     texts = loaders.dialogue_texts(os.path.join(ROOT, "data", "hh-rlhf"), skip_invalid=True)[0]
     heldout = texts["heldout"][::every][:n] if n else texts["heldout"][::every]

@@ -15,7 +15,7 @@ Hyperparameters (PAPER.md §3–4): PM context 1024; PMP LR 0.1× and PM LR 0.01
 pretraining LR (not given in the paper: 8e-5 here, between GPT-3's 13B and 175B); one
 epoch each; constant LR; batch 64 pairs (not stated in the paper). Binarized StackExchange
 PMP (the shipped dumps; the paper also used Reddit and Wikipedia, which we lack).
-init_from: a 52B LM params export (e.g. one imported with hh_jax.convert). The paper's
+init_from: a 52B LM params export (e.g. one imported with hh_jax.pretrained.convert). The paper's
 pretrained LMs are not public; without init_from PMP starts from a random 52B backbone with
 the byte tokenizer — a memory and throughput run, not a reproduction.
 Runtime: PMP over the ~10k binarized StackExchange pairs plus the PM epoch over ~6.3k HH

@@ -8,15 +8,9 @@ import os
 import jax
 
 from hh_jax import chat, checkpoint, sampling
-from hh_jax.chat import HUMAN  # noqa: F401  (kept for callers of the old names)
 from hh_jax.model import ModelConfig, Transformer
+from hh_jax.pretrained import convert
 from hh_jax.tokenizer import load_tokenizer
-
-
-def load_export(path: str):
-    """(model, params, tokenizer) from a stage's `params/` export."""
-    model, params, tok, _ = load_export_with_format(path)
-    return model, params, tok
 
 
 def load_export_with_format(path: str):
@@ -37,16 +31,9 @@ def load_export_with_format(path: str):
 
 
 def load_pretrained_model(name_or_path: str):
-    """(model, params, tokenizer, ChatFormat) of a pretrained checkpoint (convert.py)."""
-    from hh_jax import convert
-
+    """(model, params, tokenizer, ChatFormat) of a pretrained checkpoint (pretrained/convert.py)."""
     cfg, params, tok = convert.load_pretrained(name_or_path)
     return Transformer(cfg), params, tok, chat.format_for(tok)
-
-
-def render_prompt(prompt: str, fmt: chat.ChatFormat = chat.HH) -> str:
-    """One user prompt (or an HH transcript) rendered to where the Assistant speaks."""
-    return chat.render(chat.prompt_turns(prompt), fmt, add_generation_prompt=True)
 
 
 def sample_texts(model: Transformer, params, tok, fmt: chat.ChatFormat, prompts: list[str], *,

@@ -24,6 +24,7 @@ from hh_jax import checkpoint, evaluate, losses, metrics, sharding, state, train
 from hh_jax.data import hh, loaders, stackexchange
 from hh_jax.model import SIZES, ModelConfig, ScalarHead, Transformer, gather_at
 from hh_jax.optim import make_optimizer
+from hh_jax.pretrained import convert, registry
 from hh_jax.tokenizer import load_tokenizer
 
 
@@ -206,18 +207,8 @@ def score_pairs(score_fn, params, comps, tok, cfg: ConfigDict, mesh) -> dict:
 _PRETRAINED: dict = {}  # init_from spec → imported params, between config and loader
 
 
-def is_pretrained(spec: str) -> bool:
-    """A named pretrained model, a .gguf file or an HF checkpoint dir (hh_jax/convert.py)."""
-    from hh_jax import convert
-
-    return bool(spec) and (spec in convert.PRETRAINED or spec.endswith(".gguf") or
-                           os.path.exists(os.path.join(spec, "config.json")))
-
-
 def _model_and_tokenizer(cfg: ConfigDict):
-    if is_pretrained(cfg.get("init_from", "")):  # e.g. init_from="smollm2-135m"
-        from hh_jax import convert
-
+    if registry.is_pretrained(cfg.get("init_from", "")):  # e.g. init_from="smollm2-135m"
         mcfg, params, tok = convert.load_pretrained(cfg.init_from)
         _PRETRAINED[cfg.init_from] = params  # host numpy, placed by _loader_from
         return mcfg.replace(**dict(cfg.get("model_overrides", {}) or {})), tok, "pretrained"
@@ -336,7 +327,7 @@ def _eval_metrics(report: dict) -> dict:
 def _finish(cfg, stage_dir, st, mcfg, report, data_report, n_held) -> dict:
     name = os.path.basename(os.path.normpath(stage_dir))
     export_dir = os.path.join(stage_dir, "params")
-    if is_pretrained(cfg.get("init_from", "")):
+    if registry.is_pretrained(cfg.get("init_from", "")):
         tok_name = cfg.init_from  # load_tokenizer resolves the name / file again
     elif cfg.get("init_from"):
         tok_name = checkpoint.copy_tokenizer(cfg.init_from, export_dir)

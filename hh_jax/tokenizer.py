@@ -24,6 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
+from hh_jax.pretrained import gguf_file, registry
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -149,7 +151,7 @@ class BPETokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, source: str = "") -> BPETokenizer:
-        """From a GGUF file's `tokenizer.ggml.*` metadata (hh_jax.gguf_file.read_gguf)."""
+        """From a GGUF file's `tokenizer.ggml.*` metadata (pretrained/gguf_file.read_gguf)."""
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
@@ -271,14 +273,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return SentencePieceTokenizer(spec)
     if spec.endswith(".json"):
         return BPETokenizer.from_file(spec)
-    from hh_jax import convert, gguf_file  # convert imports this module: import here
-
-    if spec in convert.PRETRAINED:
-        spec = convert.pretrained_path(spec)
+    if spec in registry.PRETRAINED:
+        spec = registry.pretrained_path(spec)
     if spec.endswith(".gguf"):  # the metadata only; no weights are read
         return BPETokenizer.from_gguf_metadata(gguf_file.read_gguf(spec).metadata, source=spec)
     if os.path.isdir(spec):
         return load_hf_tokenizer(spec)
     raise ValueError(f"unknown tokenizer {spec!r}: expected 'byte', a .model or tokenizer.json "
                      f"file, a .gguf file, an HF checkpoint dir or one of "
-                     f"{sorted(convert.PRETRAINED)}")
+                     f"{sorted(registry.PRETRAINED)}")

@@ -1,4 +1,4 @@
-"""hh_jax.convert against independent references, on tiny checkpoints the tests write.
+"""hh_jax.pretrained.convert against independent references, on tiny checkpoints the tests write.
 
 The reference is a float64 numpy Llama forward pass written here from the HF weights
 (HF names and layout, rotate-half RoPE, GQA by repeating KV heads); the GGUF files are
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from hh_jax import convert, gguf_file
 from hh_jax.model import SIZES, Transformer
+from hh_jax.pretrained import convert, gguf_file
 from hh_jax.tokenizer import BPETokenizer, load_tokenizer
 
 gguf = pytest.importorskip("gguf")

@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hh_jax import chat, convert, gguf_file, sampling
+from hh_jax import chat, sampling
 from hh_jax.model import SIZES, Transformer
+from hh_jax.pretrained import convert, gguf_file, registry
 from hh_jax.tokenizer import load_tokenizer
 
 try:
-    GGUF = convert.pretrained_path("smollm2-135m")
+    GGUF = registry.pretrained_path("smollm2-135m")
 except FileNotFoundError as e:
     pytest.skip(f"SmolLM2 not installed: {e}", allow_module_level=True)
 
@@ -52,7 +53,7 @@ def test_file_is_the_documented_one():
     with open(GGUF, "rb") as f:
         for block in iter(functools.partial(f.read, 1 << 20), b""):
             digest.update(block)
-    assert digest.hexdigest() == convert.PRETRAINED["smollm2-135m"][2]
+    assert digest.hexdigest() == registry.PRETRAINED["smollm2-135m"][2]
 
 
 def test_config_from_metadata_is_the_sizes_entry():

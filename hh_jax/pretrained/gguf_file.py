@@ -1,6 +1,6 @@
 """Reading GGUF files (llama.cpp's format): the metadata and the tensor directory, parsed
 here (GGUF v2/v3, little-endian); tensor data stays memory-mapped and is dequantized to
-float32 by the `gguf` package one tensor at a time. hh_jax.convert maps the tensors onto
+float32 by the `gguf` package one tensor at a time. pretrained/convert.py maps the tensors onto
 our param tree; hh_jax.tokenizer builds the BPE tokenizer from the metadata.
 """
 
@@ -13,8 +13,8 @@ import struct
 
 import numpy as np
 
-# The header is parsed here (GGUF v2/v3, little-endian): gguf.GGUFReader builds a numpy view
-# per string of the 49k-token vocabulary and takes ~15 s on SmolLM2; this takes ~0.2 s.
+# The header is parsed here rather than by gguf.GGUFReader, which builds a numpy view per
+# string of the vocabulary (slow on a 49k-token vocabulary; BENCHMARKS.md has the times).
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
            12: "d"}
 

