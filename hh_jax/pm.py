@@ -20,8 +20,9 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, evaluate, losses, metrics, sharding, state, trainer
+from hh_jax import checkpoint, losses, metrics, sharding, state, trainer
 from hh_jax.data import hh, loaders, stackexchange
+from hh_jax.evals import pm_accuracy
 from hh_jax.model import SIZES, ModelConfig, ScalarHead, Transformer, gather_at
 from hh_jax.optim import make_optimizer
 from hh_jax.pretrained import convert, registry
@@ -85,7 +86,7 @@ def pm_loss(params, batch, model: Transformer, lm_coef: float):
     w_B = batch["weight_B"]
     loss = bradley_terry(r_good_B, r_bad_B, w_B)
     aux = {"train/bt_loss": loss,
-           # ties count ½, as in evaluate.pm_report
+           # ties count ½, as in pm_accuracy.pm_report
            "train/accuracy": (((r_good_B > r_bad_B) + 0.5 * (r_good_B == r_bad_B)) * w_B).sum()
            / jnp.maximum(w_B.sum(), 1e-8),
            "train/margin": ((r_good_B - r_bad_B) * w_B).sum() / jnp.maximum(w_B.sum(), 1e-8)}
@@ -173,12 +174,8 @@ def pair_row_lengths(comps, tok, max_len: int, layout: str) -> np.ndarray:
                            ("chosen", "rejected")) for c in comps])
 
 
-def _turns(context: str) -> int:
-    return context.count("\n\nHuman:")
-
-
 def score_pairs(score_fn, params, comps, tok, cfg: ConfigDict, mesh) -> dict:
-    """Scores every pair once (padding rows dropped); returns the evaluate.pm_report.
+    """Scores every pair once (padding rows dropped); returns the pm_accuracy.pm_report.
 
     Pairs are scored in order of row length (batches pad little) and put back in order."""
     layout = cfg.get("pair_layout", "shared")
@@ -200,8 +197,7 @@ def score_pairs(score_fn, params, comps, tok, cfg: ConfigDict, mesh) -> dict:
     assert len(rc_sorted) == len(comps), (len(rc_sorted), len(comps))
     rc, rr = np.empty_like(rc_sorted), np.empty_like(rr_sorted)
     rc[by_length], rr[by_length] = rc_sorted, rr_sorted  # back to the order of comps
-    return evaluate.pm_report(rc, rr, [c.subset for c in comps], [_turns(c.context) for c in comps],
-                              [len(c.chosen) for c in comps], [len(c.rejected) for c in comps])
+    return pm_accuracy.comparisons_report(comps, rc, rr)
 
 
 _PRETRAINED: dict = {}  # init_from spec → imported params, between config and loader
@@ -337,9 +333,9 @@ def _finish(cfg, stage_dir, st, mcfg, report, data_report, n_held) -> dict:
         "stage": cfg.stage, "step": int(st.step), "model": dataclasses.asdict(mcfg),
         "tokenizer": tok_name, "scores": report["scores"], "max_len": cfg.max_len,
         "pair_layout": cfg.get("pair_layout", "shared")})
-    table = evaluate.format_table(report, f"[{name}] held-out HH accuracy ({n_held} pairs)")
+    table = pm_accuracy.format_table(report, f"[{name}] held-out HH accuracy ({n_held} pairs)")
     print(table, flush=True)
-    evaluate.reliability_plot(report, os.path.join(stage_dir, "calibration.png"),
+    pm_accuracy.reliability_plot(report, os.path.join(stage_dir, "calibration.png"),
                               f"{name}: held-out HH pairs")
     summary = {**_eval_metrics(report), "report": report, "steps": int(st.step),
                "data": data_report, "heldout_pairs": n_held}
@@ -369,9 +365,9 @@ def eval_export(params_dir: str, files: list[str], out_dir: str, *, skip_invalid
     with sharding.activate(mesh):
         rep = score_pairs(jax.jit(functools.partial(score_step, model=model)), params, comps,
                           tok, cfg, mesh)
-    print(evaluate.format_table(rep, f"PM {params_dir} on {len(comps)} pairs"), flush=True)
+    print(pm_accuracy.format_table(rep, f"PM {params_dir} on {len(comps)} pairs"), flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    evaluate.reliability_plot(rep, os.path.join(out_dir, "calibration.png"), params_dir)
+    pm_accuracy.reliability_plot(rep, os.path.join(out_dir, "calibration.png"), params_dir)
     summary = {**_eval_metrics(rep), "report": rep, "files": [str(f) for f in files],
                "data": report.total.to_json()}
     metrics.write_summary(out_dir, summary)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 
 import jax
@@ -18,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, metrics, ppo, report, report_page, sampling, sharding, state
+from hh_jax import checkpoint, metrics, ppo, report_page, sampling, sharding, state
 from hh_jax.data import hh
+from hh_jax.evals import fits
 from hh_jax.model import ModelConfig, ScalarHead, Transformer
 from hh_jax.optim import make_optimizer
 from hh_jax.tokenizer import load_tokenizer
@@ -127,20 +127,6 @@ def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, promp
         out["test_score_B"] = ppo.pm_score(test_pm_params, pm_tokens, pm_mask, pm_len - 1,
                                            model=test_pm_model)
     return out
-
-
-def sqrt_kl_fit(points: list[dict], key: str = "eval/test_score") -> dict:
-    """`report.sqrt_kl_fit` (score ≈ a + b·√KL) over the early phase: the first ⅔ of the
-    eval points, at least 3."""
-    pts = [p for p in points if key in p]
-    early = pts[: max(3, -(-2 * len(pts) // 3))]
-    if len(early) < 3:
-        return {"n": len(early)}
-    fit = report.sqrt_kl_fit([p["eval/kl"] for p in early], [p[key] for p in early])
-    if math.isnan(fit["b"]):
-        return {"n": len(early), "degenerate": True}
-    return {"intercept": fit["a"], "slope": fit["b"], "r2": fit["r2"], "n": len(early),
-            "score_key": key}
 
 
 def write_samples(path: str, tok, prompts: list[str], out: dict) -> None:
@@ -340,7 +326,7 @@ def _finish(cfg, stage_dir, st, policy, evals, timing) -> dict:
         "stage": "ppo", "model": dataclasses.asdict(policy.cfg),
         "tokenizer": checkpoint.copy_tokenizer(cfg.policy_from, export_dir)})
     key = "eval/test_score" if "eval/test_score" in evals[0] else "eval/score"
-    fit = sqrt_kl_fit(evals, key)
+    fit = fits.early_sqrt_kl_fit(evals, key)
     phases = ("rollout", "score", "update")
     split_total = sum(timing[k] for k in phases) or 1.0
     summary = {"initial": evals[0], "final": evals[-1], "evals": evals, "sqrt_kl_fit": fit,

@@ -26,6 +26,7 @@ import re
 
 import numpy as np
 
+from hh_jax.evals import fits
 from hh_jax.report_page import COLORS, Page, fmt, pyplot
 
 
@@ -192,17 +193,6 @@ def _accuracy_plot(page: Page, name: str, rep: dict) -> None:
                 "longer-response baseline; accuracy by number of turns; calibration")
 
 
-def sqrt_kl_fit(kl, score) -> dict:
-    """Least-squares score ≈ a + b·√KL (PAPER.md §4.3) with its R²."""
-    x, y = np.sqrt(np.maximum(np.asarray(kl, np.float64), 0)), np.asarray(score, np.float64)
-    if len(x) < 2 or np.ptp(x) < 1e-6:  # the policy has not moved: nothing to fit
-        return {"a": float("nan"), "b": float("nan"), "r2": float("nan"), "n": len(x)}
-    b, a = np.polyfit(x, y, 1)
-    resid = y - (a + b * x)
-    r2 = 1 - resid.var() / y.var() if y.var() > 0 else float("nan")
-    return {"a": float(a), "b": float(b), "r2": float(r2), "n": len(x)}
-
-
 def _pairs(rows: list[dict], xkey: str, ykey: str) -> tuple[np.ndarray, np.ndarray]:
     pts = [(r[xkey], r[ykey]) for r in rows if isinstance(r.get(xkey), int | float)
            and isinstance(r.get(ykey), int | float)]
@@ -229,7 +219,7 @@ def ppo_section(page: Page, name: str, summary: dict, rows: list[dict], stage_di
     if len(kl):
         own = summary.get("sqrt_kl_fit") or {}
         fit = ({"a": own["intercept"], "b": own["slope"], "r2": own["r2"], "n": own["n"]}
-               if "slope" in own else sqrt_kl_fit(kl, score))
+               if "slope" in own else fits.sqrt_kl_fit(kl, score))
         page.table(["fit", "a", "b", "R²", "points"],
                    [[f"{key} ≈ a + b·√KL", fit["a"], fit["b"], fit["r2"], fit["n"]]])
         plt = pyplot()

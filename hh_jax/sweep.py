@@ -21,10 +21,7 @@ import shlex
 import numpy as np
 
 from hh_jax import experiment
-
-# PAPER.md §4, eq. A.1 (helpful-only PMs): acc ≈ 0.72 + 0.007·log(P/1e11) + 0.015·log(D/8e4)
-PAPER_FIT = {"a": 0.72, "b": 0.007, "c": 0.015}
-P_REF, D_REF = 1e11, 8e4
+from hh_jax.evals import fits
 
 
 def member_name(index: int, overrides: dict) -> str:
@@ -137,33 +134,6 @@ def run(spec: str, root: str | None = None, extra: list[str] = (), dry_run: bool
 
 
 # ---------------------------------------------------------------------- scaling report
-def non_embedding_params(model: dict) -> int:
-    """Transformer parameters without token embeddings / LM head (the paper's P)."""
-    d, k = model["d_model"], model.get("head_dim") or model["d_model"] // model["n_heads"]
-    attn = d * k * (2 * model["n_heads"] + 2 * model["n_kv_heads"])
-    per_layer = attn + 3 * d * model["d_ff"] + 2 * d
-    return model["n_layers"] * per_layer + d
-
-
-def fit_scaling(p, d, acc) -> dict:
-    """Least squares acc ≈ a + b·ln(P/1e11) + c·ln(D/8e4); a term whose variable takes one
-    value only is not identifiable and comes back NaN (its effect folds into a)."""
-    p, d, acc = (np.asarray(x, np.float64) for x in (p, d, acc))
-    cols = {"b": np.log(p / P_REF), "c": np.log(d / D_REF)}
-    use = [name for name, x in cols.items() if len(x) and np.ptp(x) > 0]
-    design = np.stack([np.ones_like(acc)] + [cols[n] for n in use], axis=1)
-    out = {"a": float("nan"), "b": float("nan"), "c": float("nan"), "r2": float("nan"),
-           "n": int(len(acc))}
-    if len(acc) < design.shape[1]:
-        return out
-    coef, *_ = np.linalg.lstsq(design, acc, rcond=None)
-    out.update({"a": float(coef[0]), **{n: float(c) for n, c in zip(use, coef[1:], strict=True)}})
-    resid = acc - design @ coef
-    if len(acc) > design.shape[1] and acc.var() > 0:
-        out["r2"] = float(1 - resid.var() / acc.var())
-    return out
-
-
 def _pm_stage(config: dict) -> str | None:
     from hh_jax import report
 
@@ -203,7 +173,7 @@ def collect(root: str) -> list[dict]:
         if row["complete"]:
             overall = summary["report"]["overall"]
             row.update(size=(config.get("lm") or {}).get("model", "?"),
-                       P=non_embedding_params(meta["model"]), D=summary["data"]["used"],
+                       P=fits.non_embedding_params(meta["model"]), D=summary["data"]["used"],
                        acc=overall["accuracy"], ci=overall["ci95"],
                        longer=overall["longer_wins"])
         rows.append(row)
@@ -232,16 +202,16 @@ def _pm_part(page, rows: list[dict]) -> None:
                [[r["member"], r["stage"], r.get("size"), r.get("P"), r.get("D"), r.get("acc"),
                  f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if "ci" in r else "not complete",
                  r.get("longer")] for r in rows])
-    fits = []
+    table = []
     for stage in sorted({r["stage"] for r in done}):
         group = [r for r in done if r["stage"] == stage]
-        fit = fit_scaling([r["P"] for r in group], [r["D"] for r in group],
+        fit = fits.fit_scaling([r["P"] for r in group], [r["D"] for r in group],
                           [r["acc"] for r in group])
-        fits.append([f"{stage} (ours, {fit['n']} runs)", fit["a"], fit["b"], fit["c"], fit["r2"]])
+        table.append([f"{stage} (ours, {fit['n']} runs)", fit["a"], fit["b"], fit["c"], fit["r2"]])
         _scaling_plot(page, stage, group, fit)
-    fits.append(["paper eq. A.1 (helpful only, 13M–52B)", *PAPER_FIT.values(), float("nan")])
+    table.append(["paper eq. A.1 (helpful only, 13M–52B)", *fits.PAPER_FIT.values(), float("nan")])
     page.heading("Fit: acc ≈ a + b·ln(P/1e11) + c·ln(D/8e4)", 3)
-    page.table(["fit", "a", "b", "c", "R²"], fits)
+    page.table(["fit", "a", "b", "c", "R²"], table)
 
 
 def _scaling_plot(page, stage: str, group: list[dict], fit: dict) -> None:
@@ -263,7 +233,8 @@ def _scaling_plot(page, stage: str, group: list[dict], fit: dict) -> None:
                         capsize=3, label=label)
             if math.isfinite(fit["a"]):
                 xs = np.geomspace(x.min(), x.max(), 20) if len(x) > 1 else x
-                pred = _predict(fit, xs if x_key == "P" else value, xs if x_key == "D" else value)
+                pred = fits.predict_scaling(fit, xs if x_key == "P" else value,
+                                            xs if x_key == "D" else value)
                 ax.plot(xs, pred * np.ones_like(xs), "--", color=color, lw=1)
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -273,8 +244,3 @@ def _scaling_plot(page, stage: str, group: list[dict], fit: dict) -> None:
     page.figure(fig, f"scaling_{stage}", f"{stage}: accuracy against data (left) and PM size "
                 "(right); dashed: the fit")
 
-
-def _predict(fit: dict, p, d):
-    b = 0.0 if math.isnan(fit["b"]) else fit["b"]
-    c = 0.0 if math.isnan(fit["c"]) else fit["c"]
-    return fit["a"] + b * np.log(np.asarray(p) / P_REF) + c * np.log(np.asarray(d) / D_REF)

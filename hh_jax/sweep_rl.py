@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from hh_jax import report, report_page
+from hh_jax.evals import fits
 
 
 def _stage(config: dict, kind: str) -> str | None:
@@ -22,8 +23,6 @@ def _stage(config: dict, kind: str) -> str | None:
 
 
 def collect(root: str, members: list[str]) -> list[dict]:
-    from hh_jax import sweep
-
     rows = []
     for name in members:
         member_dir = os.path.join(root, name)
@@ -41,7 +40,7 @@ def collect(root: str, members: list[str]) -> list[dict]:
             os.path.join(member_dir, stage)))
         fit = summary.get("sqrt_kl_fit") or {}
         row.update(size=(config.get("lm") or {}).get("model", "?"),
-                   P=sweep.non_embedding_params(meta["model"]),
+                   P=fits.non_embedding_params(meta["model"]),
                    kl_coef=(config[stage].get("ppo") or {}).get("kl_coef"), judge=key,
                    kl=kl, score=score, slope=fit.get("slope"), r2=fit.get("r2"))
         bon = _stage(config, "bon")

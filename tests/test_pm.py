@@ -15,8 +15,9 @@ import pytest
 from ml_collections import ConfigDict
 from resume_helpers import run_whole_and_resumed
 
-from hh_jax import checkpoint, evaluate, experiment, pm, sharding, state
+from hh_jax import checkpoint, experiment, pm, sharding, state
 from hh_jax.data import hh, loaders
+from hh_jax.evals import pm_accuracy
 from hh_jax.model import SIZES, ScalarHead, Transformer
 from hh_jax.tokenizer import ByteTokenizer
 
@@ -34,7 +35,7 @@ def test_bradley_terry_matches_numpy():
 
 
 def test_wilson_interval_matches_closed_form():
-    lo, hi = evaluate.wilson_interval(81, 100)  # textbook value: [0.7222, 0.8749]
+    lo, hi = pm_accuracy.wilson_interval(81, 100)  # textbook value: [0.7222, 0.8749]
     np.testing.assert_allclose([lo, hi], [0.72216, 0.87492], atol=1e-4)
 
 
@@ -44,12 +45,12 @@ def test_calibrated_scores_have_near_zero_ece():
     chosen_wins = rng.uniform(size=delta.size) < 1 / (1 + np.exp(-delta))
     # the labelled "chosen" is the winner: its margin is +Δ when A won, −Δ otherwise
     margin = np.where(chosen_wins, delta, -delta)
-    assert evaluate.calibration(margin)["ece"] < 0.01
-    assert evaluate.calibration(3 * margin)["ece"] > 0.05  # over-confident is caught
+    assert pm_accuracy.calibration(margin)["ece"] < 0.01
+    assert pm_accuracy.calibration(3 * margin)["ece"] > 0.05  # over-confident is caught
 
 
 def test_report_baselines_and_turns():
-    rep = evaluate.pm_report([1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 1.0],
+    rep = pm_accuracy.pm_report([1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 1.0],
                              ["a", "a", "b", "b"], [1, 1, 2, 2], [10, 5, 3, 3], [5, 10, 3, 9])
     assert rep["overall"]["accuracy"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)
     assert rep["per_subset"]["a"]["longer_wins"] == 0.5
@@ -236,7 +237,7 @@ def test_score_pairs_sorts_by_length_and_restores_order():
 
 
 def test_train_accuracy_counts_ties_as_half_like_the_eval():
-    """A zero head scores every response 0: every pair is a tie, ½ as evaluate.pm_report
+    """A zero head scores every response 0: every pair is a tie, ½ as pm_accuracy.pm_report
     counts it; a random head's accuracy equals the same count done in numpy."""
     model = Transformer(SIZES["test"])
     head = ScalarHead(model.cfg.d_model, use_bias=False)

@@ -1,7 +1,7 @@
 """`hh-jax report`: a self-contained HTML page and a Markdown twin from a workdir's files.
 
 The workdirs are written with the stages' own writers (metrics.MetricsWriter,
-metrics.write_summary, evaluate.pm_report), so the report reads the real formats.
+metrics.write_summary, pm_accuracy.pm_report), so the report reads the real formats.
 """
 
 import base64
@@ -15,7 +15,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from hh_jax import evaluate, main, metrics, report, report_page
+from hh_jax import main, metrics, report, report_page
+from hh_jax.evals import fits, pm_accuracy
 
 MODEL = {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
          "d_ff": 128}
@@ -29,7 +30,7 @@ def _pm_stage(stage_dir, rng, n=200, skill=1.0):
     margin = rng.normal(skill, 1.0, n)
     rc = rng.normal(0, 1, n)
     subsets = rng.choice(["harmless-base", "helpful-base"], n)
-    rep = evaluate.pm_report(rc, rc - margin, subsets, rng.integers(1, 4, n),
+    rep = pm_accuracy.pm_report(rc, rc - margin, subsets, rng.integers(1, 4, n),
                              rng.integers(10, 200, n), rng.integers(10, 200, n))
     metrics.write_summary(str(stage_dir), {"eval/accuracy": rep["overall"]["accuracy"],
                                            "report": rep, "steps": 25,
@@ -123,9 +124,9 @@ def test_rl_sections_appear_only_when_their_stages_exist(tmp_path):
 
 def test_perfect_and_zero_accuracy_render(tmp_path):
     """At 6/6 the Wilson upper bound is 1 − 1e-16: error bars must not go negative."""
-    lo, hi = evaluate.wilson_interval(6, 6)
+    lo, hi = pm_accuracy.wilson_interval(6, 6)
     assert hi < 1.0  # the float effect this guards against
-    rep = evaluate.pm_report([1.0] * 6 + [0.0] * 3, [0.0] * 6 + [1.0] * 3, ["a"] * 6 + ["b"] * 3,
+    rep = pm_accuracy.pm_report([1.0] * 6 + [0.0] * 3, [0.0] * 6 + [1.0] * 3, ["a"] * 6 + ["b"] * 3,
                              [1] * 6 + [2] * 3, [5] * 9, [4] * 9)
     assert rep["per_subset"]["a"]["accuracy"] == 1.0 and rep["per_turn"][2]["accuracy"] == 0.0
     page = report_page.Page(str(tmp_path), "t")
@@ -138,25 +139,23 @@ def test_sqrt_kl_fit_recovers_planted_line():
     rng = np.random.default_rng(0)
     kl = rng.uniform(0, 25, 400)
     score = -0.2 + 0.45 * np.sqrt(kl) + rng.normal(0, 0.01, 400)
-    fit = report.sqrt_kl_fit(kl, score)
+    fit = fits.sqrt_kl_fit(kl, score)
     assert fit["a"] == pytest.approx(-0.2, abs=0.01) and fit["b"] == pytest.approx(0.45, abs=0.01)
     assert fit["r2"] > 0.99
-    assert math.isnan(report.sqrt_kl_fit([1.0], [2.0])["b"])
+    assert math.isnan(fits.sqrt_kl_fit([1.0], [2.0])["b"])
 
 
 def test_ppo_stage_fit_uses_the_early_two_thirds_only():
-    from hh_jax import ppo_stage
-
     kl = np.linspace(0.5, 9.0, 9)
     score = 1.0 + 0.3 * np.sqrt(kl)
     score[6:] = 0.0  # a late collapse (over-optimisation) outside the early phase
     pts = [{"eval/kl": k, "eval/test_score": s} for k, s in zip(kl, score, strict=True)]
-    fit = ppo_stage.sqrt_kl_fit(pts)
+    fit = fits.early_sqrt_kl_fit(pts)
     assert fit["n"] == 6 and fit["r2"] == pytest.approx(1.0)
     assert fit["intercept"] == pytest.approx(1.0) and fit["slope"] == pytest.approx(0.3)
     still = [{"eval/kl": 0.0, "eval/test_score": s} for s in (1.0, 2.0, 3.0)]
-    assert ppo_stage.sqrt_kl_fit(still) == {"n": 3, "degenerate": True}
-    assert ppo_stage.sqrt_kl_fit(pts[:2]) == {"n": 2}
+    assert fits.early_sqrt_kl_fit(still) == {"n": 3, "degenerate": True}
+    assert fits.early_sqrt_kl_fit(pts[:2]) == {"n": 2}
 
 
 def test_metrics_of_a_resumed_run_keep_one_row_per_step(tmp_path):

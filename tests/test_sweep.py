@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hh_jax import evaluate, experiment, main, metrics, report, sweep
+from hh_jax import experiment, main, metrics, report, sweep
+from hh_jax.evals import fits, pm_accuracy
 from hh_jax.model import SIZES, Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,11 +49,11 @@ def test_fit_scaling_recovers_the_planted_law():
     p = np.repeat([1e7, 4e7, 2e8, 8e8], 4)
     d = np.tile([500, 2000, 8000, 32000], 4)
     acc = 0.70 + 0.01 * np.log(p / 1e11) + 0.02 * np.log(d / 8e4)
-    fit = sweep.fit_scaling(p, d, acc)
+    fit = fits.fit_scaling(p, d, acc)
     np.testing.assert_allclose([fit["a"], fit["b"], fit["c"]], [0.70, 0.01, 0.02], atol=1e-9)
-    noisy = sweep.fit_scaling(p, d, acc + rng.normal(0, 0.002, acc.size))
+    noisy = fits.fit_scaling(p, d, acc + rng.normal(0, 0.002, acc.size))
     np.testing.assert_allclose([noisy["b"], noisy["c"]], [0.01, 0.02], atol=0.002)
-    one_size = sweep.fit_scaling(p[:4], d[:4], acc[:4])  # P never varies: b is not identifiable
+    one_size = fits.fit_scaling(p[:4], d[:4], acc[:4])  # P never varies: b is not identifiable
     assert np.isnan(one_size["b"]) and one_size["c"] == pytest.approx(0.02)
 
 
@@ -64,7 +65,7 @@ def test_non_embedding_params_match_the_model(size):
     total = sum(x.size for x in jax.tree_util.tree_leaves(params))
     embed = params["embed"]["embedding"].size + (
         0 if cfg.tie_embeddings else params["lm_head"]["kernel"].size)
-    assert sweep.non_embedding_params(vars(cfg)) == total - embed
+    assert fits.non_embedding_params(vars(cfg)) == total - embed
 
 
 def _fake_run(calls, law):
@@ -82,8 +83,8 @@ def _fake_run(calls, law):
             calls.append((os.path.basename(workdir), name))
             cfg = vars(SIZES[config.lm.model])
             used = int(4000 * config[name].get("data", {}).get("fraction", 1.0))
-            acc = law(sweep.non_embedding_params(cfg), used)
-            rep = evaluate.pm_report([1.0, 0.0], [0.0, 1.0], ["a", "b"], [1, 1], [5, 5], [6, 4])
+            acc = law(fits.non_embedding_params(cfg), used)
+            rep = pm_accuracy.pm_report([1.0, 0.0], [0.0, 1.0], ["a", "b"], [1, 1], [5, 5], [6, 4])
             rep["overall"].update(accuracy=acc, ci95=[acc - 0.02, acc + 0.02])
             metrics.write_summary(stage_dir, {"report": rep, "data": {"used": used},
                                               "eval/accuracy": acc})

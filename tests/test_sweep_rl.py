@@ -7,7 +7,8 @@ import re
 
 import numpy as np
 
-from hh_jax import checkpoint, evaluate, experiment, metrics, sweep
+from hh_jax import checkpoint, experiment, metrics, sweep
+from hh_jax.evals import pm_accuracy
 from hh_jax.model import SIZES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def _fake_run(calls):
                     {"n": n, "kl": _bon_kl(n), "score": 0.0, "test_score": 0.1 + n / 100}
                     for n in (1, 2, 4, 8, 16)]}
             elif name in ("pmp", "pm", "pm_test"):
-                rep = evaluate.pm_report([1.0, 0.0], [0.0, 1.0], ["a", "b"], [1, 1], [5, 5],
+                rep = pm_accuracy.pm_report([1.0, 0.0], [0.0, 1.0], ["a", "b"], [1, 1], [5, 5],
                                          [6, 4])
                 summary = {"report": rep, "data": {"used": 100}}
             else:

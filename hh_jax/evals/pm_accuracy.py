@@ -83,6 +83,13 @@ def pm_report(r_chosen_P, r_rejected_P, subsets: Sequence[str], turns_P, len_cho
     return out
 
 
+def comparisons_report(comps: Sequence, r_chosen_P, r_rejected_P) -> dict:
+    """`pm_report` of scored comparisons (hh.Comparison: subset, context, chosen, rejected)."""
+    return pm_report(r_chosen_P, r_rejected_P, [c.subset for c in comps],
+                     [c.context.count("\n\nHuman:") for c in comps],
+                     [len(c.chosen) for c in comps], [len(c.rejected) for c in comps])
+
+
 def format_table(report: dict, title: str) -> str:
     lines = [title, f"{'subset':<28}{'n':>6}  {'accuracy':>8}  {'95% CI':>15}  {'longer':>6}"]
     rows = list(report["per_subset"].items()) + [("ALL", report["overall"])]
