@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optax  # noqa: E402
 from reference import ref_hidden, ref_init  # noqa: E402
 
-from hh_jax import pm, sharding, state  # noqa: E402
+from hh_jax import pm, reward, sharding, state  # noqa: E402
 from hh_jax.data import hh, loaders
 from hh_jax.model import SIZES, ScalarHead, Transformer  # noqa: E402
 from hh_jax.tokenizer import SentencePieceTokenizer  # noqa: E402
@@ -47,7 +47,7 @@ def batches(n, batch, max_len, vocab, workdir, layout):
     tok = (SentencePieceTokenizer(tok_path) if os.path.exists(tok_path) else
            SentencePieceTokenizer.train([c.context + c.chosen for c in train],
                                         tok_path[:-len(".model")], vocab))
-    lengths = pm.pair_row_lengths(train, tok, max_len, "shared")  # one order for both layouts
+    lengths = reward.pair_row_lengths(train, tok, max_len, "shared")  # one order for both layouts
     ordered = pm.length_grouped(train, lengths, batch, seed=0)
     ds = loaders.pm_dataset(ordered, tok, max_len=max_len, global_batch=batch, seed=0,
                             shuffle=False, layout=layout)

@@ -16,7 +16,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from hh_jax import checkpoint, metrics, ppo, report_page, sharding
-from hh_jax.ppo_stage import encode_prompts, eval_setup, load_models, load_prompts, sample_and_score
+from hh_jax.policy import encode_prompts, eval_setup, load_models, load_prompts, sample_and_score
 from hh_jax.sampling import SamplingConfig
 
 
@@ -59,7 +59,7 @@ def _samples(cfg, policy, pm, test_pm, tok, prompts, mesh):
         tok=tok, temperature=cfg.temperature))
     train, judge = [], []
     for i in range(0, len(tokens), cfg.batch_size):  # the last chunk may recompile once
-        out = jax.device_get(fn(policy.params, policy.params, pm.params,
+        out = jax.device_get(fn(policy.params, None, pm.params,
                                 None if test_pm is None else test_pm.params,
                                 tokens[i:i + cfg.batch_size], masks[i:i + cfg.batch_size],
                                 jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i)))

@@ -37,11 +37,11 @@ def _sample(args, _) -> int:
 
 
 def _eval(args, _) -> int:
-    from hh_jax import pm
+    from hh_jax.evals import pm_accuracy
 
     if args.what != "pm":
         raise SystemExit(f"hh-jax eval: unknown target {args.what!r} (expected: pm)")
-    pm.eval_export(args.params, args.data, args.out, skip_invalid=args.skip_invalid,
+    pm_accuracy.eval_export(args.params, args.data, args.out, skip_invalid=args.skip_invalid,
                    batch_size=args.batch_size)
     return 0
 

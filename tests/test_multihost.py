@@ -50,14 +50,15 @@ def _setup(mesh):
 
 
 def _pm_eval(params, mesh) -> dict:
-    """pm.score_pairs on 20 comparisons of varied length (each its own subset, so the
+    """pm_accuracy.evaluate_pairs on 20 comparisons of varied length (each its own subset, so the
     per-subset accuracies pin every score to its pair), 3 eval batches of 8, fine buckets:
     the hosts' rows of a batch get different padded lengths."""
     import jax
     from ml_collections import ConfigDict
 
-    from hh_jax import pm, sharding
+    from hh_jax import reward, sharding
     from hh_jax.data import hh
+    from hh_jax.evals import pm_accuracy
     from hh_jax.model import SIZES, Transformer
     from hh_jax.tokenizer import ByteTokenizer
 
@@ -67,9 +68,9 @@ def _pm_eval(params, mesh) -> dict:
                              line=i + 1, split="heldout") for i in range(20)]
     cfg = ConfigDict(dict(max_len=64, eval_batch_size=8, pair_layout="shared",
                           buckets=tuple(range(8, 129, 8))))
-    fn = jax.jit(functools.partial(pm.score_step, model=Transformer(SIZES["test"])))
+    fn = jax.jit(functools.partial(reward.score_step, model=Transformer(SIZES["test"])))
     with sharding.activate(mesh):
-        return pm.score_pairs(fn, params, comps, ByteTokenizer(), cfg, mesh)
+        return pm_accuracy.evaluate_pairs(fn, params, comps, ByteTokenizer(), cfg, mesh)
 
 
 def _run_steps(st, step, batch, mesh):

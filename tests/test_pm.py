@@ -15,7 +15,7 @@ import pytest
 from ml_collections import ConfigDict
 from resume_helpers import run_whole_and_resumed
 
-from hh_jax import checkpoint, experiment, pm, sharding, state
+from hh_jax import checkpoint, experiment, pm, reward, sharding, state
 from hh_jax.data import hh, loaders
 from hh_jax.evals import pm_accuracy
 from hh_jax.model import SIZES, ScalarHead, Transformer
@@ -28,10 +28,10 @@ def test_bradley_terry_matches_numpy():
     rng = np.random.default_rng(0)
     good, bad, w = rng.normal(size=64), rng.normal(size=64), rng.uniform(0, 2, size=64)
     ref = (np.log1p(np.exp(bad - good)) * w).sum() / w.sum()
-    got = pm.bradley_terry(jnp.asarray(good), jnp.asarray(bad), jnp.asarray(w))
+    got = reward.bradley_terry(jnp.asarray(good), jnp.asarray(bad), jnp.asarray(w))
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     # large margins stay finite (softplus, not log(1+exp))
-    assert np.isfinite(pm.bradley_terry(jnp.array([0.0]), jnp.array([200.0]), jnp.ones(1)))
+    assert np.isfinite(reward.bradley_terry(jnp.array([0.0]), jnp.array([200.0]), jnp.ones(1)))
 
 
 def test_wilson_interval_matches_closed_form():
@@ -126,8 +126,8 @@ def test_shared_layout_scores_loss_and_grads_equal_separate():
     sep, shared = _loader_batch("separate"), _loader_batch("shared")
     assert not sep["chosen_truncated_B"].any()
     np.testing.assert_array_equal(sep["chosen_len_B"], shared["chosen_len_B"])
-    for got, want in zip(pm.score_step(params, shared, model=model),
-                         pm.score_step(params, sep, model=model), strict=True):
+    for got, want in zip(reward.score_step(params, shared, model=model),
+                         reward.score_step(params, sep, model=model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     grad = jax.jit(jax.value_and_grad(pm.pm_loss, has_aux=True), static_argnums=(2, 3))
     (l_sh, aux_sh), g_sh = grad(params, shared, model, 0.5)
@@ -231,7 +231,7 @@ def test_score_pairs_sorts_by_length_and_restores_order():
 
     cfg = ConfigDict({"max_len": 512, "eval_batch_size": 8, "pair_layout": "shared"})
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    rep = pm.score_pairs(fake_pm, None, comps, tok, cfg, mesh)
+    rep = pm_accuracy.evaluate_pairs(fake_pm, None, comps, tok, cfg, mesh)
     assert rep["per_subset"]["a"]["accuracy"] == 1.0
     assert rep["per_subset"]["b"]["accuracy"] == 0.0
 
@@ -248,7 +248,7 @@ def test_train_accuracy_counts_ties_as_half_like_the_eval():
     loss = jax.jit(pm.pm_loss, static_argnums=(2, 3))
     _, aux = loss({**params, "head": zero}, batch, model, 0.0)
     assert float(aux["train/accuracy"]) == 0.5
-    rc, rr = (np.asarray(x) for x in jax.jit(functools.partial(pm.score_step, model=model))(
+    rc, rr = (np.asarray(x) for x in jax.jit(functools.partial(reward.score_step, model=model))(
         params, batch))
     w = batch["weight_B"]
     want = float((((rc > rr) + 0.5 * (rc == rr)) * w).sum() / w.sum())

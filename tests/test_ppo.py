@@ -13,7 +13,7 @@ import pytest
 from ml_collections import ConfigDict
 from resume_helpers import run_whole_and_resumed
 
-from hh_jax import checkpoint, losses, ppo, ppo_stage, sampling, sharding, state
+from hh_jax import checkpoint, losses, policy, ppo, ppo_stage, sampling, sharding, state
 from hh_jax.model import SIZES, ScalarHead, Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,9 +116,9 @@ def test_with_eoc_places_the_pm_token_after_the_response():
 
 def test_pm_score_ignores_left_padding_of_the_prompt():
     """The rollout's prompts are left-padded; the PM must score prompt + response + EOC as
-    it was trained (`pm.pm_scores`: the unpadded dialogue, positions from 0), however much
+    it was trained (`reward.pm_scores`: the unpadded dialogue, positions from 0), however much
     padding sits in front. Also the ended / not-ended EOC placement of `with_eoc`."""
-    from hh_jax import pm
+    from hh_jax import reward
 
     cfg = SIZES["test"]
     model = Transformer(cfg)
@@ -147,7 +147,7 @@ def test_pm_score_ignores_left_padding_of_the_prompt():
     seqs = [prompt + [t for t in r if t not in (eos, pad)] + [eoc] for r in responses]
     # the PM's training layout: context + response + EOC, right-padded
     tokens = jnp.array([seq + [pad] * (12 - len(seq)) for seq in seqs])
-    want = np.asarray(jax.jit(functools.partial(pm.pm_scores, model=model))(
+    want = np.asarray(jax.jit(functools.partial(reward.pm_scores, model=model))(
         params, tokens, jnp.array([len(seq) for seq in seqs]))[0]).tolist()
     np.testing.assert_allclose(got, want * 3, rtol=1e-4, atol=1e-4)
     assert abs(want[0] - want[1]) > 1e-3  # the two responses are told apart
@@ -188,17 +188,17 @@ def test_bon_compares_with_ppo_only_on_the_same_eval_setup():
 
     c = experiment.fill_workdir(experiment.load_config(os.path.join(REPO, "experiments",
                                                                      "smoke.py")), "/w")
-    ppo_setup = ppo_stage.eval_setup(c.ppo, c.ppo.ppo.temperature)
-    assert bon.setup_mismatch(ppo_setup, ppo_stage.eval_setup(c.bon, c.bon.temperature)) is None
+    ppo_setup = policy.eval_setup(c.ppo, c.ppo.ppo.temperature)
+    assert bon.setup_mismatch(ppo_setup, policy.eval_setup(c.bon, c.bon.temperature)) is None
     c.bon.temperature, c.bon.response_len = 0.7, 64
-    why = bon.setup_mismatch(ppo_setup, ppo_stage.eval_setup(c.bon, c.bon.temperature))
+    why = bon.setup_mismatch(ppo_setup, policy.eval_setup(c.bon, c.bon.temperature))
     assert "temperature 1.0 (ppo) vs 0.7 (bon)" in why and "response_len 32" in why
     assert "no eval_setup" in bon.setup_mismatch(None, ppo_setup)
     for spec in ("smoke.py", "smoke.py:tiny", "ppo_hh.py", "ppo_hh.py:cpu", "ppo_hh.py:tiny"):
         c = experiment.fill_workdir(experiment.load_config(os.path.join(REPO, "experiments",
                                                                          spec)), "/w")
-        assert bon.setup_mismatch(ppo_stage.eval_setup(c.ppo, c.ppo.ppo.temperature),
-                                  ppo_stage.eval_setup(c.bon, c.bon.temperature)) is None, spec
+        assert bon.setup_mismatch(policy.eval_setup(c.ppo, c.ppo.ppo.temperature),
+                                  policy.eval_setup(c.bon, c.bon.temperature)) is None, spec
 
 
 def test_kl_controller_adaptive_rule():
@@ -312,7 +312,7 @@ def test_evaluation_kl_is_the_exact_per_token_kl_and_k1_the_sampled_log_ratio():
     q, r, temp = 4, 8, 0.8
     prompts = jax.random.randint(jax.random.key(4), (6, q), 3, 16)
     evaluate = jax.jit(functools.partial(
-        ppo_stage.sample_and_score, policy_model=model, pm_model=model, test_pm_model=None,
+        policy.sample_and_score, policy_model=model, pm_model=model, test_pm_model=None,
         sample_cfg=sampling.SamplingConfig(max_new_tokens=r, temperature=temp),
         tok=types.SimpleNamespace(eos_id=1, pad_id=0, eoc_id=2), temperature=temp))
     out = jax.device_get(evaluate(pol, ref, pm, None, prompts, jnp.ones_like(prompts, bool),

@@ -1,16 +1,25 @@
-"""PM evaluation in numpy: accuracy with intervals, baselines, calibration, plots.
+"""PM evaluation: accuracy with intervals, baselines, calibration, plots, and `hh-jax eval pm`.
 
-Inputs are per-pair arrays gathered on the host after scoring: r_chosen_P, r_rejected_P
-(P pairs), the subset name, the number of Human turns and the response lengths.
+The statistics are numpy on per-pair arrays gathered on the host after scoring:
+r_chosen_P, r_rejected_P (P pairs), the subset name, the number of Human turns and the
+response lengths.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
 
+import jax
 import numpy as np
+from ml_collections import ConfigDict
+
+from hh_jax import checkpoint, metrics, reward, sharding
+from hh_jax.data import hh
+from hh_jax.policy import Frozen
+from hh_jax.tokenizer import load_tokenizer
 
 
 def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -125,3 +134,43 @@ def reliability_plot(report: dict, path: str, title: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def eval_metrics(report: dict) -> dict:
+    """The scalars of a `pm_report` logged as metrics and in summary.json."""
+    out = {"eval/accuracy": report["overall"]["accuracy"],
+           "eval/ece": report["calibration"]["ece"],
+           "eval/longer_wins": report["overall"]["longer_wins"]}
+    out.update({f"eval/accuracy/{s}": r["accuracy"] for s, r in report["per_subset"].items()})
+    return out
+
+
+def evaluate_pairs(score_fn, params, comps, tok, cfg: ConfigDict, mesh) -> dict:
+    """The `pm_report` of a PM on comparisons (`reward.score_pairs` with a jitted
+    `reward.score_step`; cfg: max_len, eval_batch_size, pair_layout, buckets)."""
+    return comparisons_report(comps, *reward.score_pairs(score_fn, params, comps, tok, cfg, mesh))
+
+
+def eval_export(params_dir: str, files: list[str], out_dir: str, *, skip_invalid: bool = False,
+                batch_size: int = 32, max_len: int | None = None, mesh_shape=(-1, 1, 1)) -> dict:
+    """`hh-jax eval pm`: scores any HH-format jsonl(.gz) files with a PM export."""
+    meta = checkpoint.read_meta(params_dir)
+    if meta.get("stage") not in ("pm", "pmp"):
+        raise ValueError(f"{params_dir}: a {meta.get('stage')!r} export, not a PM")
+    tok = load_tokenizer(checkpoint.tokenizer_spec(params_dir))
+    comps, report = hh.load_hh_comparisons(files, skip_invalid=skip_invalid)
+    mesh = sharding.make_mesh(mesh_shape)
+    pm = Frozen(params_dir, mesh, "pm")
+    cfg = ConfigDict({"max_len": max_len or meta.get("max_len", 512),
+                      "eval_batch_size": batch_size,
+                      "pair_layout": meta.get("pair_layout", "shared")})
+    with sharding.activate(mesh):
+        rep = evaluate_pairs(jax.jit(functools.partial(reward.score_step, model=pm.model)),
+                             pm.params, comps, tok, cfg, mesh)
+    print(format_table(rep, f"PM {params_dir} on {len(comps)} pairs"), flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    reliability_plot(rep, os.path.join(out_dir, "calibration.png"), params_dir)
+    summary = {**eval_metrics(rep), "report": rep, "files": [str(f) for f in files],
+               "data": report.total.to_json()}
+    metrics.write_summary(out_dir, summary)
+    return summary

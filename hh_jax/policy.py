@@ -1,0 +1,116 @@
+"""What the RL stages share: held-out prompts, frozen params exports (policy, PMs), sampling
+and scoring responses with the train and test PMs, and the evaluation setup a held-out
+score depends on. PPO (stages/ppo.py) and best-of-n (stages/bon.py) both use it, so
+neither stage imports the other.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from hh_jax import checkpoint, ppo, sampling, state
+from hh_jax.data import hh
+from hh_jax.model import ModelConfig, ScalarHead, Transformer
+from hh_jax.tokenizer import load_tokenizer
+
+
+def load_prompts(dcfg: ConfigDict, split: str) -> list[str]:
+    """Dialogue contexts (ending in "Assistant:") of one side of the split, deduplicated."""
+    comps, _ = hh.load_hh_comparisons(dcfg.hh_dir, subsets=list(dcfg.subsets) or None,
+                                        skip_invalid=True)
+    seen, out = set(), []
+    for c in hh.select_split(comps, split):
+        if c.context not in seen:
+            seen.add(c.context)
+            out.append(c.context)
+    return out
+
+
+def encode_prompts(tok, prompts: list[str], q: int):
+    """Left-truncated (keep the end: the last turn and "Assistant:"), left-padded to q."""
+    return sampling.pad_prompts([tok.encode(p)[-q:] for p in prompts], tok.pad_id, length=q)
+
+
+class Frozen:
+    """A params export loaded once, sharded, for use as a frozen jit argument."""
+
+    def __init__(self, path: str, mesh, head: str | None):
+        self.meta = checkpoint.read_meta(path)
+        self.cfg = ModelConfig(**self.meta["model"])
+        self.model = Transformer(self.cfg)
+        dummy = jnp.zeros((2, 8), jnp.int32)
+        if head is None:
+            boxed = lambda: self.model.init(jax.random.key(0), dummy)  # noqa: E731
+        else:
+            h = ScalarHead(self.cfg.d_model, use_bias=False)
+            boxed = lambda: {"backbone": self.model.init(jax.random.key(0), dummy),  # noqa
+                             "head": h.init(jax.random.key(0), jnp.zeros((2, self.cfg.d_model)))}
+        abstract, self.shardings = state.param_shardings(boxed, mesh)
+        self.params = checkpoint.import_params(
+            path, checkpoint.abstract_with_shardings(abstract, self.shardings))
+
+
+def load_models(cfg: ConfigDict, mesh):
+    """(policy, train PM, test PM or None, tokenizer) of a ppo / bon stage config."""
+    policy, pm = Frozen(cfg.policy_from, mesh, None), Frozen(cfg.pm_from, mesh, "pm")
+    test_pm = Frozen(cfg.test_pm_from, mesh, "pm") if cfg.test_pm_from else None
+    for m, path in ((pm, cfg.pm_from), (test_pm, cfg.test_pm_from)):
+        if m is not None and m.cfg.vocab_size != policy.cfg.vocab_size:
+            raise ValueError(f"{path}: PM vocab {m.cfg.vocab_size} != policy vocab "
+                             f"{policy.cfg.vocab_size}; policy and PMs must share a tokenizer")
+    return policy, pm, test_pm, load_tokenizer(checkpoint.tokenizer_spec(cfg.policy_from))
+
+
+def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, prompts, masks, rng,
+                     *, policy_model, pm_model, test_pm_model, sample_cfg, tok, temperature):
+    """Evaluation: responses to held-out prompts, both PMs' scores and, when `ref_params`
+    is given, their KL to that reference (π0)."""
+    ppo.check_temperature(temperature, "temperature")
+    s = sampling.sample(policy_params, prompts, masks, rng, model=policy_model, cfg=sample_cfg,
+                        eos_id=tok.eos_id, pad_id=tok.pad_id)
+    pm_tokens, pm_mask, pm_len = ppo.with_eoc(s["prompt_BxQ"], s["prompt_mask_BxQ"],
+                                              s["tokens_BxR"], s["lengths_B"], s["ended_B"],
+                                              tok.eoc_id)
+    out = {"tokens_BxR": s["tokens_BxR"], "lengths_B": s["lengths_B"],
+           "score_B": ppo.pm_score(pm_params, pm_tokens, pm_mask, pm_len - 1, model=pm_model)}
+    if test_pm_params is not None:
+        out["test_score_B"] = ppo.pm_score(test_pm_params, pm_tokens, pm_mask, pm_len - 1,
+                                           model=test_pm_model)
+    if ref_params is not None:
+        out.update(response_kl(policy_params, ref_params, s, model=policy_model,
+                               temperature=temperature))
+    return out
+
+
+def response_kl(policy_params, ref_params, s: dict, *, model, temperature) -> dict:
+    """KL of sampled responses (`sampling.sample`'s output `s`) to a reference policy.
+
+    kl_B: the exact per-token KL summed over the response (≥ 0, low variance);
+    kl_sample_B: the sampled log π − log π_ref (k1, what the reward penalises); same
+    expectation."""
+    q = s["prompt_BxQ"].shape[1]
+    mask_BxR = jnp.arange(s["tokens_BxR"].shape[1])[None] < s["lengths_B"][:, None]
+    tokens = jnp.concatenate([s["prompt_BxQ"], s["tokens_BxR"]], 1)
+    mask = jnp.concatenate([s["prompt_mask_BxQ"], mask_BxR], 1)
+    logp_BxRxV, ref_BxRxV = (ppo.response_log_softmax(p, tokens, mask, q, model=model,
+                                                      temperature=temperature)
+                             for p in (policy_params, ref_params))
+    k1_BxR = (ppo.token_logprobs(logp_BxRxV, s["tokens_BxR"])
+              - ppo.token_logprobs(ref_BxRxV, s["tokens_BxR"]))
+    return {"kl_B": (ppo.token_kl(logp_BxRxV, ref_BxRxV) * mask_BxR).sum(1),
+            "kl_sample_B": (k1_BxR * mask_BxR).sum(1)}
+
+
+EVAL_SETUP_KEYS = ("policy_from", "pm_from", "test_pm_from", "prompt_len", "response_len",
+                   "eval_prompts")
+
+
+def eval_setup(cfg: ConfigDict, temperature: float) -> dict:
+    """What a held-out score depends on besides the policy: π0, both PMs, the prompts and
+    the sampling. Best-of-n compares with a PPO run only where these agree (stages/bon.py)."""
+    out = {k: cfg.get(k) for k in EVAL_SETUP_KEYS}
+    out["prompts"] = {"hh_dir": cfg.data.hh_dir, "subsets": list(cfg.data.subsets or [])}
+    out["temperature"] = float(temperature)
+    return out
