@@ -31,9 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optax  # noqa: E402
 from reference import ref_hidden, ref_init  # noqa: E402
 
-from hh_jax import pm, reward, sharding, state  # noqa: E402
+from hh_jax import reward, sharding, state  # noqa: E402
 from hh_jax.data import hh, loaders
 from hh_jax.model import SIZES, ScalarHead, Transformer  # noqa: E402
+from hh_jax.stages import pm
 from hh_jax.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 TRL_ANCHOR = 1846.0

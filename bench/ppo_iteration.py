@@ -8,7 +8,7 @@ Shape: policy, π0, value and PM all 4 layers, d 256, 4 heads / 2 KV heads, ffw 
 vocab 8192; 8 prompts of 64 tokens, 32-token responses, 1 epoch, 1 minibatch, float32.
 Random weights (speed does not depend on them); sampling runs the full 32 tokens (EOS id
 out of range, so no row stops early). The functions timed are the stage's own
-(`ppo_stage.iteration_fns` driven by `ppo_stage.run_iteration`). Printed: seconds per
+(hh_jax.stages.ppo's `iteration_fns` driven by its `run_iteration`). Printed: seconds per
 iteration without a host sync inside it (the headline), and — alternating with those
 iterations — with a sync at each phase boundary for the split rollout (sampling + log π0;
 values too unless K = 1 with one minibatch) / scoring / update (advantages + PPO epoch);
@@ -35,8 +35,9 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hh_jax import ppo, ppo_stage, sampling, sharding, state  # noqa: E402
+from hh_jax import ppo, sampling, sharding, state  # noqa: E402
 from hh_jax.model import SIZES, ScalarHead, Transformer  # noqa: E402
+from hh_jax.stages import ppo as ppo_stage
 
 TUNIX_ANCHOR_S = 0.90
 

@@ -25,9 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ml_collections import ConfigDict  # noqa: E402
 from reference import ref_init, ref_step, time_fn  # noqa: E402
 
-from hh_jax import lm, metrics, sharding, state  # noqa: E402
+from hh_jax import metrics, sharding, state  # noqa: E402
 from hh_jax.model import SIZES, Transformer  # noqa: E402
 from hh_jax.optim import make_optimizer  # noqa: E402
+from hh_jax.stages import lm
 
 
 # ------------------------------------------------------------------------------ timing

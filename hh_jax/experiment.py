@@ -17,8 +17,6 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-STAGES = ("lm", "distill", "pmp", "pm", "ppo", "bon")
-
 
 def load_module(path: str):
     if not os.path.exists(path):
@@ -101,10 +99,11 @@ def fill_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
 
 def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
     """Runs every stage in `config.stages` under `workdir/<stage>`, skipping complete ones."""
-    from hh_jax import bon, checkpoint, distill, lm, metrics, pm, ppo_stage
+    from hh_jax import checkpoint, metrics  # the stages and these import JAX: not at load time
+    from hh_jax.stages import bon, distill, lm, pm, ppo
 
     runners = {"lm": lm.train_and_evaluate, "pmp": pm.train_and_evaluate,
-               "pm": pm.train_and_evaluate, "ppo": ppo_stage.train_and_evaluate,
+               "pm": pm.train_and_evaluate, "ppo": ppo.train_and_evaluate,
                "distill": distill.train_and_evaluate, "bon": bon.train_and_evaluate}
     workdir = os.path.abspath(workdir)
     config = fill_workdir(config, workdir)

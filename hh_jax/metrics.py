@@ -90,6 +90,16 @@ def read_summary(directory: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed): every stage plot and the
+    report's figures draw with it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def transformer_flops_per_token(n_params_non_embed: int, n_layers: int, d_model: int,
                                 seq_len: int) -> float:
     """Training FLOPs per token, 6N + 12·L·d·T (Kaplan et al. 2020, incl. attention)."""

@@ -10,7 +10,7 @@ follows its kind (`config.<stage>.stage`, else its name):
                  against iteration; held-out score against √KL with the linear fit of
                  PAPER.md §4.3 (summary["sqrt_kl_fit"], else fitted here); responses before
                  and after RLHF from the first and last `samples_<iteration>.jsonl`
-  bon            hh_jax.bon's rows: train- and judge-PM score of best-of-n against n and
+  bon            hh_jax.stages.bon's rows: train- and judge-PM score of best-of-n against n and
                  against √KL (KL = log n − (n−1)/n), beside PPO's held-out scores
 A sweep root (`sweep.json`, or member dirs without a config.json of its own) gets the
 sweep report of hh_jax.sweep instead.
@@ -263,7 +263,7 @@ def _jsonl(path: str) -> list[dict]:
 
 
 def bon_section(page: Page, name: str, summary: dict, ppo: tuple | None) -> None:
-    """hh_jax.bon's summary["rows"]: {n, kl, score (train PM), test_score (judge PM),
+    """hh_jax.stages.bon's summary["rows"]: {n, kl, score (train PM), test_score (judge PM),
     ppo_test_score_at_same_kl}; KL = log n − (n − 1)/n is analytic (PAPER.md §4.3)."""
     rows = summary.get("rows") or []
     if not rows:

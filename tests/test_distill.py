@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, distill, metrics
+from hh_jax import checkpoint, metrics
 from hh_jax.model import SIZES, Transformer
 from hh_jax.optim import make_optimizer
+from hh_jax.stages import distill
 from hh_jax.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

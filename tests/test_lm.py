@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from resume_helpers import ENV, assert_same_params, committed_steps, kill_after_checkpoint, run_cmd
 
-from hh_jax import checkpoint, experiment, lm, metrics
+from hh_jax import checkpoint, experiment, metrics
+from hh_jax.stages import lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "experiments", "smoke.py")

@@ -33,8 +33,9 @@ def _setup(mesh):
     import jax
     import jax.numpy as jnp
 
-    from hh_jax import pm, sharding, state
+    from hh_jax import sharding, state
     from hh_jax.model import SIZES, ScalarHead, Transformer
+    from hh_jax.stages import pm
 
     model, opt = Transformer(SIZES["test"]), _opt()
     head = ScalarHead(model.cfg.d_model, use_bias=False)

@@ -10,9 +10,10 @@ import numpy as np
 from jax.sharding import AbstractMesh
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, experiment, pm, sharding, state
+from hh_jax import checkpoint, experiment, sharding, state
 from hh_jax.model import SIZES, ScalarHead, Transformer
 from hh_jax.optim import make_optimizer
+from hh_jax.stages import pm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(REPO, "experiments", "paper_52b.py")

@@ -15,10 +15,11 @@ import pytest
 from ml_collections import ConfigDict
 from resume_helpers import run_whole_and_resumed
 
-from hh_jax import checkpoint, experiment, pm, reward, sharding, state
+from hh_jax import checkpoint, experiment, reward, sharding, state
 from hh_jax.data import hh, loaders
 from hh_jax.evals import pm_accuracy
 from hh_jax.model import SIZES, ScalarHead, Transformer
+from hh_jax.stages import pm
 from hh_jax.tokenizer import ByteTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

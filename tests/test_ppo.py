@@ -13,8 +13,9 @@ import pytest
 from ml_collections import ConfigDict
 from resume_helpers import run_whole_and_resumed
 
-from hh_jax import checkpoint, losses, policy, ppo, ppo_stage, sampling, sharding, state
+from hh_jax import checkpoint, losses, policy, ppo, sampling, sharding, state
 from hh_jax.model import SIZES, ScalarHead, Transformer
+from hh_jax.stages import ppo as ppo_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +185,8 @@ def test_value_head_from_the_pm_starts_in_the_reward_units():
 def test_bon_compares_with_ppo_only_on_the_same_eval_setup():
     """Best-of-n's "PPO at the same KL" needs the same π0, PMs, held-out prompts and
     temperature; a PPO summary from other settings is named, not used."""
-    from hh_jax import bon, experiment
+    from hh_jax import experiment
+    from hh_jax.stages import bon
 
     c = experiment.fill_workdir(experiment.load_config(os.path.join(REPO, "experiments",
                                                                      "smoke.py")), "/w")

@@ -55,7 +55,7 @@ def _workdir(root, with_rl=True, seed=0):
     metrics.write_summary(str(root / "lm"), {"eval/perplexity": 130.19, "eval/loss": 4.87,
                                              "eval/unigram_perplexity": 29.53, "steps": 6})
     reps = {s: _pm_stage(root / s, rng) for s in ("pmp", "pm")}
-    if with_rl:  # hh_jax.ppo_stage's outputs
+    if with_rl:  # hh_jax.stages.ppo's outputs
         w = metrics.MetricsWriter(str(root / "ppo"))
         evals = []
         for it in range(0, 21):
@@ -76,7 +76,7 @@ def _workdir(root, with_rl=True, seed=0):
         metrics.write_summary(str(root / "bon"), {"judge": "eval/score", "rows": [
             {"n": n, "kl": math.log(n) - (n - 1) / n, "score": 0.1 * math.log(n),
              "test_score": 0.08 * math.log(n), "ppo_test_score_at_same_kl": None}
-            for n in (1, 2, 4, 8, 16, 32, 64)]})  # hh_jax.bon's summary
+            for n in (1, 2, 4, 8, 16, 32, 64)]})  # hh_jax.stages.bon's summary
     return reps
 
 

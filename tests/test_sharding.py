@@ -14,9 +14,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from hh_jax import lm, sharding, state
+from hh_jax import sharding, state
 from hh_jax.model import SIZES, Transformer
 from hh_jax.optim import make_optimizer
+from hh_jax.stages import lm
 
 # These tests check semantics, not speed: cheaper CPU codegen cuts compile time ~3x.
 FAST_COMPILE = ({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -115,11 +115,7 @@ def format_table(report: dict, title: str) -> str:
 
 
 def reliability_plot(report: dict, path: str, title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = metrics.pyplot()
     bins = [b for b in report["calibration"]["bins"] if b["n"] > 0]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, metrics, ppo, report_page, sampling, sharding, state
+from hh_jax import checkpoint, metrics, ppo, sampling, sharding, state
 from hh_jax.evals import fits
 from hh_jax.model import Transformer
 from hh_jax.optim import make_optimizer
@@ -272,7 +272,7 @@ def _finish(cfg, stage_dir, st, policy, evals, timing) -> dict:
 
 
 def plot_sqrt_kl(evals: list[dict], fit: dict, key: str, path: str) -> None:
-    plt = report_page.pyplot()
+    plt = metrics.pyplot()
     x = np.sqrt(np.maximum([e["eval/kl"] for e in evals], 0.0))
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(x, [e[key] for e in evals], "o-", label=f"PPO, {key.split('/')[-1]}")

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, metrics, ppo, report_page, sharding
+from hh_jax import checkpoint, metrics, ppo, sharding
 from hh_jax.policy import encode_prompts, eval_setup, load_models, load_prompts, sample_and_score
 from hh_jax.sampling import SamplingConfig
 
@@ -105,7 +105,7 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
 
 
 def plot(rows: list[dict], ppo_evals: list[dict], key: str, path: str) -> None:
-    plt = report_page.pyplot()
+    plt = metrics.pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([np.sqrt(r["kl"]) for r in rows], [r["test_score"] for r in rows], "o-",
             label="best-of-n (test PM)")
