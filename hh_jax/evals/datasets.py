@@ -24,6 +24,8 @@ import json
 import os
 import re
 
+import numpy as np
+
 try:  # the data layer is moving into a package (hh_jax/data/)
     from hh_jax.data.jsonl_reader import DataError, read_lines
 except ImportError:  # pragma: no cover - the flat layout
@@ -34,6 +36,7 @@ from hh_jax import chat
 Turn = tuple[str, str]
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "data", "evals")
+HH_DIR = os.path.join(os.path.dirname(DATA_DIR), "hh-rlhf")
 HHH_CATEGORIES = ("helpful", "honest", "harmless", "other")
 # the "unknown" answers of BBQ (Parrish et al. 2022, the generator's UNKNOWN list)
 BBQ_UNKNOWN = ("unknown", "cannot be determined", "can't be determined", "not answerable",
@@ -208,7 +211,6 @@ def load_truthfulqa(path: str | None = None) -> tuple[list[MCItem], list[MCItem]
     missing = [f for f in _TQA_FIELDS if f not in header]
     if missing:
         raise DataError(path, 1, "missing_field", f"no column(s) {missing}")
-    col = {f: header.index(f) for f in header}
     mc1, mc2 = [], []
     while True:
         ln = reader.line_num + 1  # the line the next record starts on
@@ -223,7 +225,7 @@ def load_truthfulqa(path: str | None = None) -> tuple[list[MCItem], list[MCItem]
             continue
         if len(row) != len(header):
             raise DataError(path, ln, "bad_row", f"{len(row)} fields, expected {len(header)}")
-        get = lambda f: row[col[f]].strip()  # noqa: E731
+        get = dict(zip(header, (c.strip() for c in row), strict=True)).get
         q, best = get("Question"), get("Best Answer")
         correct, incorrect = _answers(get("Correct Answers")), _answers(get("Incorrect Answers"))
         for name, v in (("Question", q), ("Best Answer", best)):
@@ -231,7 +233,7 @@ def load_truthfulqa(path: str | None = None) -> tuple[list[MCItem], list[MCItem]
                 raise DataError(path, ln, "empty_field", f"{name!r} is empty")
         if not incorrect or not correct:
             raise DataError(path, ln, "empty_choices", "no correct or no incorrect answers")
-        meta = {"category": get("Category") if "Category" in col else ""}
+        meta = {"category": get("Category") or ""}
         turns = (("Human", q),)
         wrong = [a for a in incorrect if a != best]
         mc1.append(MCItem("truthfulqa/mc1", turns, (best, *wrong), (1,) + (0,) * len(wrong),
@@ -348,3 +350,35 @@ def load_winogenerated(path: str | None = None) -> list[BlankItem]:
     if not out:
         raise DataError(path, 1, "no_examples", "no sentences")
     return out
+
+
+# ----------------------------------------------------------------------------- HH prompts
+
+
+def _subsample(items: list, limit: int | None, seed: int) -> list:
+    if limit is None or limit >= len(items):
+        return items
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), limit, replace=False))
+    return [items[i] for i in keep]
+
+
+def load_hh_prompts(path: str, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Distinct first Human turns of an HH jsonl(.gz) file (a fixed random subset)."""
+    seen, out = set(), []
+    for line, raw in read_lines(path):
+        if isinstance(raw, DataError):
+            raise raw
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            turns = chat.turns_of(row["chosen"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise DataError(path, line, "bad_row", f"no readable 'chosen' dialogue ({e})") from None
+        if not turns or turns[0][0] != "Human" or not turns[0][1].strip():
+            raise DataError(path, line, "bad_row", "the dialogue does not start with Human")
+        text = turns[0][1].strip()
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return _subsample(out, limit, seed)

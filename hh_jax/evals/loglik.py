@@ -177,6 +177,9 @@ def text_request(tok, context: str, continuations: Sequence[str]) -> Request:
     return Request(tuple(ctx), tuple(tuple(tok.encode(c)) for c in continuations))
 
 
+NORMS = ("sum", "per_token", "per_char")
+
+
 def summaries(logprobs: Sequence[np.ndarray], texts: Sequence[str]) -> dict[str, np.ndarray]:
     """Per choice: "sum" (log P(choice | context)), "per_token" (sum / tokens) and
     "per_char" (sum / characters of the choice's text)."""
@@ -184,6 +187,19 @@ def summaries(logprobs: Sequence[np.ndarray], texts: Sequence[str]) -> dict[str,
     n_tok = np.array([max(len(lp), 1) for lp in logprobs], np.float64)
     n_chr = np.array([max(len(t), 1) for t in texts], np.float64)
     return {"sum": s, "per_token": s / n_tok, "per_char": s / n_chr}
+
+
+def score_items(scorer: Scorer, tok, fmt: chat.ChatFormat, items, *, eos: bool = False
+                ) -> list[dict[str, np.ndarray]]:
+    """Per item: summaries of its choices ({"sum", "per_token", "per_char"})."""
+    reqs = [mc_request(tok, it.turns, it.choices, fmt, eos=eos) for it in items]
+    out = scorer(reqs)
+    return [summaries(lp, [choice_text(c, fmt) for c in it.choices])
+            for it, lp in zip(items, out, strict=True)]
+
+
+def predictions(scores: Sequence[dict], norm: str) -> np.ndarray:
+    return np.array([int(np.argmax(s[norm])) for s in scores])
 
 
 # ----------------------------------------------------------------------------- models
