@@ -56,9 +56,15 @@ def _report(args, _) -> int:
 def _sweep(args, overrides) -> int:
     from hh_jax import distributed, sweep
 
-    if not args.dry_run:
-        distributed.maybe_initialize()
-    sweep.run(args.experiment, args.workdir, overrides, dry_run=args.dry_run)
+    if args.dry_run:
+        sweep.run(args.experiment, args.workdir, overrides, dry_run=True)
+        return 0
+    from hh_jax import report
+
+    distributed.maybe_initialize()
+    root = args.workdir or sweep.default_root(args.experiment)
+    sweep.run(args.experiment, root, overrides, after_member=report.write_report)
+    print(f"[sweep] report: {report.write_report(root)}", flush=True)
     return 0
 
 

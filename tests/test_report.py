@@ -15,8 +15,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from hh_jax import main, metrics, report, report_page
+from hh_jax import main, metrics, report
 from hh_jax.evals import fits, pm_accuracy
+from hh_jax.report import page as report_page
+from hh_jax.report import run as run_report
 
 MODEL = {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
          "d_ff": 128}
@@ -130,9 +132,9 @@ def test_perfect_and_zero_accuracy_render(tmp_path):
                              [1] * 6 + [2] * 3, [5] * 9, [4] * 9)
     assert rep["per_subset"]["a"]["accuracy"] == 1.0 and rep["per_turn"][2]["accuracy"] == 0.0
     page = report_page.Page(str(tmp_path), "t")
-    report.pm_section(page, "pm", {"report": rep}, [])
+    run_report.pm_section(page, "pm", {"report": rep}, [])
     assert page.n_figures == 1
-    np.testing.assert_array_equal(report.error_bars([1.0], [[lo, hi]])[1], [0.0])
+    np.testing.assert_array_equal(run_report.error_bars([1.0], [[lo, hi]])[1], [0.0])
 
 
 def test_sqrt_kl_fit_recovers_planted_line():
@@ -164,10 +166,11 @@ def test_metrics_of_a_resumed_run_keep_one_row_per_step(tmp_path):
         w.write(step, {"train/loss": loss})
     w.write(4, {"eval/loss": 4.2})
     w.close()
-    steps, loss = report.series(report.read_metrics(str(tmp_path)), "train/loss")
+    steps, loss = run_report.series(run_report.read_metrics(str(tmp_path)), "train/loss")
     np.testing.assert_array_equal(steps, [2, 4, 6])
     np.testing.assert_array_equal(loss, [5.0, 3.5, 3.0])
-    assert report.series(report.read_metrics(str(tmp_path)), "eval/loss")[1].tolist() == [4.2]
+    rows = run_report.read_metrics(str(tmp_path))
+    assert run_report.series(rows, "eval/loss")[1].tolist() == [4.2]
 
 
 def test_cli_report(tmp_path, capsys):

@@ -17,6 +17,7 @@ import pytest
 from hh_jax import experiment, main, metrics, report, sweep
 from hh_jax.evals import fits, pm_accuracy
 from hh_jax.model import SIZES, Transformer
+from hh_jax.report import sweep as sweep_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALING = os.path.join(REPO, "experiments", "pm_scaling.py")
@@ -99,13 +100,14 @@ def test_local_sweep_shares_stages_and_fits(tmp_path, monkeypatch):
     law = lambda p, d: 0.72 + 0.007 * np.log(p / 1e11) + 0.015 * np.log(d / 8e4)  # noqa
     monkeypatch.setattr(experiment, "run", _fake_run(calls, law))
     root = tmp_path / "sweep"
-    dirs = sweep.run(SCALING + ":cpu", str(root))
+    assert main.main(["sweep", SCALING + ":cpu", "--workdir", str(root)]) == 0
+    dirs = [str(root / name) for name, _ in sweep.members(SCALING + ":cpu")]
     assert len(dirs) == 6
     # lm and pmp run once per size; pm once per member
     assert [s for _, s in calls].count("lm") == 2 and [s for _, s in calls].count("pm") == 6
     assert os.path.islink(root / os.path.basename(dirs[1]) / "lm")
     assert not os.path.islink(root / os.path.basename(dirs[3]) / "lm")  # another size
-    rows = sweep.collect(str(root))
+    rows = sweep_report.collect(str(root))
     assert all(r["complete"] for r in rows) and {r["size"] for r in rows} == {"test", "6M"}
     md = open(root / "report.md").read()
     assert "| pm (ours, 6 runs) | 0.72 | 0.007 | 0.015 | 1 |" in md
@@ -121,7 +123,7 @@ def test_sweep_report_without_sweep_json(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "run", _fake_run(calls, law))
     for name, member in sweep.members(SCALING + ":tiny"):
         experiment.run(sweep.member_config(SCALING + ":tiny", member), str(tmp_path / name))
-    assert sweep.is_sweep_root(str(tmp_path))
+    assert sweep_report.is_sweep_root(str(tmp_path))
     report.write_report(str(tmp_path))
     md = open(tmp_path / "report.md").read()
     b = re.search(r"\| pm \(ours, 4 runs\) \| 0\.6 \| (\S+) \| 0\.01 \|", md).group(1)

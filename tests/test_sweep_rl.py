@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from hh_jax import checkpoint, experiment, metrics, sweep
+from hh_jax import checkpoint, experiment, main, metrics, sweep
 from hh_jax.evals import pm_accuracy
 from hh_jax.model import SIZES
 
@@ -67,7 +67,8 @@ def test_ppo_sweep_reruns_only_ppo_and_bon_and_reports_each_member(tmp_path, mon
     calls = []
     monkeypatch.setattr(experiment, "run", _fake_run(calls))
     root = tmp_path / "sweep"
-    dirs = sweep.run(PPO_HH + ":cpu", str(root))
+    assert main.main(["sweep", PPO_HH + ":cpu", "--workdir", str(root)]) == 0
+    dirs = [str(root / name) for name, _ in sweep.members(PPO_HH + ":cpu")]
     assert len(dirs) == 6  # 2 sizes × 3 λ_KL
     ran = [s for _, s in calls]
     for stage in ("lm", "distill", "pmp", "pm", "pm_test"):  # shared within a size

@@ -1,4 +1,4 @@
-"""`hh-jax report WORKDIR`: report.html (self-contained, PNGs embedded) + report.md.
+"""The report of one run (`hh-jax report WORKDIR`; hh_jax.report.write_report writes it).
 
 Reads only what the stages leave on disk: `config.json`, `<stage>/metrics.jsonl` (rows
 with "step"), `<stage>/summary.json`, `<stage>/params/meta.json`. A stage's section
@@ -13,7 +13,7 @@ follows its kind (`config.<stage>.stage`, else its name):
   bon            hh_jax.stages.bon's rows: train- and judge-PM score of best-of-n against n and
                  against √KL (KL = log n − (n−1)/n), beside PPO's held-out scores
 A sweep root (`sweep.json`, or member dirs without a config.json of its own) gets the
-sweep report of hh_jax.sweep instead.
+sweep report (report/sweep.py) instead.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import re
 import numpy as np
 
 from hh_jax.evals import fits
-from hh_jax.report_page import COLORS, Page, fmt, pyplot
+from hh_jax.metrics import pyplot
+from hh_jax.report.page import COLORS, Page, fmt
 
 
 # ------------------------------------------------------------------------ reading a run
@@ -353,25 +354,3 @@ def run_report(page: Page, workdir: str) -> None:
                                                                  for k, v in scalars))
     if config:
         page.pre("config.json", json.dumps(config, indent=1, sort_keys=True))
-
-
-def write_report(workdir: str, out_dir: str | None = None) -> str | None:
-    """Writes report.html + report.md (+ report_files/*.png) for a run or a sweep root.
-    Returns the HTML path (None on processes other than 0, which write nothing)."""
-    import jax
-
-    if jax.process_index() != 0:
-        return None
-    workdir = os.path.abspath(workdir)
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"{workdir}: no such workdir")
-    out_dir = os.path.abspath(out_dir or workdir)
-    from hh_jax import sweep
-
-    if sweep.is_sweep_root(workdir):
-        page = Page(out_dir, f"hh_jax sweep report: {os.path.basename(workdir)}")
-        sweep.sweep_report(page, workdir)
-    else:
-        page = Page(out_dir, f"hh_jax report: {os.path.basename(workdir)}")
-        run_report(page, workdir)
-    return page.write()[0]

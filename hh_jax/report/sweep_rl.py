@@ -14,29 +14,31 @@ import os
 
 import numpy as np
 
-from hh_jax import report, report_page
 from hh_jax.evals import fits
+from hh_jax.metrics import pyplot
+from hh_jax.report.page import COLORS, fmt
+from hh_jax.report.run import ppo_points, read_json, read_metrics, stages_of_kind
 
 
 def _stage(config: dict, kind: str) -> str | None:
-    return next(iter(report.stages_of_kind(config, kind)), None)
+    return next(iter(stages_of_kind(config, kind)), None)
 
 
 def collect(root: str, members: list[str]) -> list[dict]:
     rows = []
     for name in members:
         member_dir = os.path.join(root, name)
-        config = report.read_json(os.path.join(member_dir, "config.json"), {})
+        config = read_json(os.path.join(member_dir, "config.json"), {})
         stage = _stage(config, "ppo")
         if stage is None:
             continue
-        summary = report.read_json(os.path.join(member_dir, stage, "summary.json"))
-        meta = report.read_json(os.path.join(member_dir, stage, "params", "meta.json"))
+        summary = read_json(os.path.join(member_dir, stage, "summary.json"))
+        meta = read_json(os.path.join(member_dir, stage, "params", "meta.json"))
         row = {"member": name, "complete": bool(summary and meta)}
         rows.append(row)
         if not row["complete"]:
             continue
-        kl, score, key = report.ppo_points(summary, report.read_metrics(
+        kl, score, key = ppo_points(summary, read_metrics(
             os.path.join(member_dir, stage)))
         fit = summary.get("sqrt_kl_fit") or {}
         row.update(size=(config.get("lm") or {}).get("model", "?"),
@@ -44,7 +46,7 @@ def collect(root: str, members: list[str]) -> list[dict]:
                    kl_coef=(config[stage].get("ppo") or {}).get("kl_coef"), judge=key,
                    kl=kl, score=score, slope=fit.get("slope"), r2=fit.get("r2"))
         bon = _stage(config, "bon")
-        bon_rows = (report.read_json(os.path.join(member_dir, str(bon), "summary.json"), {})
+        bon_rows = (read_json(os.path.join(member_dir, str(bon), "summary.json"), {})
                     .get("rows") or []) if bon else []
         if bon_rows and len(kl):
             near = min(bon_rows, key=lambda r: abs(r["kl"] - kl[-1]))
@@ -67,7 +69,7 @@ def section(page, root: str, members: list[str]) -> None:
                [[r["member"], r.get("size"), r.get("P"), r.get("kl_coef"),
                  *(_ends(r.get("score", ())) if r in done else (None, None)),
                  r["kl"][-1] if r in done else "not complete", r.get("slope"), r.get("r2"),
-                 f"n={r['bon_n']}, KL {r['bon_kl']:.2f}: {report_page.fmt(r['bon_score'])}"
+                 f"n={r['bon_n']}, KL {r['bon_kl']:.2f}: {fmt(r['bon_score'])}"
                  if "bon_n" in r else None] for r in rows])
     if done:
         _plot(page, done)
@@ -79,11 +81,11 @@ def _ends(score) -> tuple:
 
 
 def _plot(page, rows: list[dict]) -> None:
-    plt = report_page.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     sizes = sorted({r["size"] for r in rows}, key=lambda s: min(x["P"] for x in rows
                                                                 if x["size"] == s))
-    color = dict(zip(sizes, report_page.COLORS * 4, strict=False))
+    color = dict(zip(sizes, COLORS * 4, strict=False))
     markers = "osD^v<>"
     coefs = sorted({r["kl_coef"] for r in rows})
     for r in rows:

@@ -1,6 +1,6 @@
 """The report page: HTML and Markdown built side by side (so both carry the same numbers),
-figures saved as PNGs beside it and embedded in the HTML, and the number format and
-matplotlib backend every report and sweep table uses."""
+figures saved as PNGs beside it and embedded in the HTML, and the number format every
+report and sweep table uses."""
 
 from __future__ import annotations
 
@@ -108,12 +108,3 @@ def fmt(x) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     return str(x)
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
