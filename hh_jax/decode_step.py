@@ -2,14 +2,12 @@
 
 Inside the sampler's `lax.while_loop`, a step through `Transformer`'s stacked layer scan
 slices each layer's weights out of the stacked arrays, and on GPU the slices are copies:
-with the scan unrolled, XLA (jax 0.11.2, H200) ran 210 copy kernels per token for
-SmolLM2-135M beside its 181 matmuls, every weight read and written once more per token.
-Here the weights are split once, before the loop, and each layer keeps its own cache, so a
-step runs the layers' own kernels only (438 per token, no weight copies). Measured with
-bench/sampler_vs_generate.py on that H200: 24,637 → 51,982 new tokens/s at batch 64,
-45,706 → 127,612 at batch 256, 789 → 881 at batch 1. Same modules (`Block`, `RMSNorm`, the
-embedding and LM head), so the same computation as `Transformer` with a cache: identical
-numbers in float32 (tested on CPU); in bf16, XLA may round intermediates at other places.
+every weight read and written once more per token. Here the weights are split once,
+before the loop, and each layer keeps its own cache, so a step runs the layers' own
+kernels only (kernel counts and tokens/s: BENCHMARKS.md, bench/sampler_vs_generate.py).
+Same modules (`Block`, `RMSNorm`, the embedding and LM head), so the same computation as
+`Transformer` with a cache: identical numbers in float32 (tested on CPU); in bf16, XLA may
+round intermediates at other places.
 """
 
 from __future__ import annotations

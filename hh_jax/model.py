@@ -1,8 +1,7 @@
 """Llama-style decoder-only Transformer (Linen, pure functional) and its scalar head.
 
 One model serves every stage (STYLE.md §9.2): `Transformer` returns logits and the final
-hidden states; the PM reward head and the PPO value head are a `ScalarHead` applied to
-those hidden states, so a PM's params are `{"backbone": <LM params>, "head": ...}`.
+hidden states; the PM reward and PPO value heads are a `ScalarHead` on those hidden states.
 
 Block: x + Attn(RMSNorm(x)) then x + SwiGLU(RMSNorm(x)); rotary position embeddings in
 the Hugging Face "rotate half" layout; grouped-query attention; tied or untied LM head.
@@ -48,8 +47,8 @@ class ModelConfig:
     attention_impl: str = "chunked"
     attention_chunk: int = 128
 
-    def __post_init__(self):
-        if self.attention_impl is None:  # exports written before "chunked" existed
+    def __post_init__(self):  # None (in some exports' meta.json) is the default
+        if self.attention_impl is None:
             object.__setattr__(self, "attention_impl", "chunked")
 
     @property
@@ -62,9 +61,8 @@ class ModelConfig:
 
 def _paper(n_layers: int, d_model: int) -> ModelConfig:
     # PAPER.md §2: d_model = 128·L (a fit to 12·L·d² ≈ the reported non-embedding sizes),
-    # head dim 128, 8192-token context; vocab not given (65,536 assumed). The paper's MLP
-    # is 4d wide with two matrices; our SwiGLU has three, so d_ff = 8d/3 (rounded up to a
-    # multiple of 128) keeps the MLP at 8·d² and the layer at ≈ 12·d² parameters.
+    # head dim 128, 8192-token context; vocab not given (65,536 assumed). The paper's 4d MLP
+    # has two matrices, our SwiGLU three: d_ff = 8d/3 (up to a multiple of 128) keeps 8·d².
     d_ff = -(-8 * d_model // 3 // 128) * 128
     return ModelConfig(vocab_size=65_536, d_model=d_model, n_layers=n_layers,
                        n_heads=d_model // 128, n_kv_heads=d_model // 128, d_ff=d_ff,
@@ -74,7 +72,7 @@ def _paper(n_layers: int, d_model: int) -> ModelConfig:
 SIZES: dict[str, ModelConfig] = {
     "test": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                         d_ff=128, max_len=256),
-    # The CPU default and the shape of the benchmark anchors (issues 5 and 6).
+    # The CPU default and the shape of the benchmarks' anchors.
     "6M": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
                       d_ff=1024, max_len=1024),
     "13M": _paper(4, 512),
@@ -139,7 +137,7 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _init(self.std, self.axes), in_shape + tuple(self.out_shape),
                             self.param_dtype)
         # one 2-D matmul: XLA:CPU runs the backward's weight gradient (a contraction over
-        # batch and length) ~1.5× faster than over a 3-D operand; a no-op elsewhere
+        # batch and length) faster than over a 3-D operand (BENCHMARKS.md); same result
         n_in, n_out = math.prod(in_shape), math.prod(self.out_shape)
         y = jnp.dot(x.astype(self.dtype).reshape(-1, n_in),
                     kernel.astype(self.dtype).reshape(n_in, n_out))
@@ -196,8 +194,7 @@ def chunked_causal_attention(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Arra
     narrower: padding, segments, branches). Queries go in chunks of `chunk`; chunk i only
     scores the keys up to its own end, so the blocks above the diagonal (masked anyway) are
     never computed. Exact: the skipped keys carry zero weight. Grouped-query heads share
-    their K/V without a copy.
-    """
+    their K/V without a copy."""
     b, length, h, k = q_BxLxHxK.shape
     g = k_BxLxGxK.shape[2]
     q_BxLxGxRxK = (q_BxLxHxK * k ** -0.5).reshape(b, length, g, h // g, k)
@@ -254,10 +251,8 @@ def attention_mask(q_pos_L: Array, kv_valid_BxS: Array, q_segment_BxL: Array | N
     """Boolean mask_Bx1xLxS: causal in slot order, valid keys only, same segment only, and
     with branches: a key on branch 1 (a shared prefix) is seen by every query, any other
     key only by queries on its own branch (two responses after one context, one row).
-
     `q_pos_L` is each query's slot index among the S key slots (arange(L) without a cache,
-    cache_index + arange(L) with one).
-    """
+    cache_index + arange(L) with one)."""
     s = kv_valid_BxS.shape[1]
     causal_LxS = jnp.arange(s)[None, :] <= q_pos_L[:, None]
     mask_BxLxS = causal_LxS[None] & kv_valid_BxS[:, None, :]
@@ -274,12 +269,11 @@ class Transformer(nn.Module):
 
     `with_logits=False` skips the LM head (PM reward / value models read hidden states);
     `read_index_BxQ` returns only `hidden_BxQxD` at those positions, the last layer run for
-    them alone (≈ 1/n_layers less work for a PM).
-    Without a cache: `mask_BxL` marks real tokens (padding is never attended to) and
-    `segment_ids_BxL` optionally keeps packed documents apart; `branch_ids_BxL` (1 = shared
-    prefix, 2, 3, … = branches that see the prefix but not each other) lets a PM score two
-    responses after one copy of their context. With a cache (decoding):
-    the chunk is written at `cache["index"]` and attends to slots where `kv_valid_BxS`.
+    them alone. Without a cache: `mask_BxL` marks real tokens (padding is never attended
+    to), `segment_ids_BxL` optionally keeps packed documents apart, `branch_ids_BxL` (1 =
+    shared prefix, 2, 3, … = branches that see the prefix but not each other) lets a PM
+    score two responses after one copy of their context. With a cache (decoding): the
+    chunk is written at `cache["index"]` and attends to slots where `kv_valid_BxS`.
     """
 
     cfg: ModelConfig
@@ -329,8 +323,7 @@ class Transformer(nn.Module):
         if cache is not None:
             new_cache = {"k": new_layer_cache["k"], "v": new_layer_cache["v"],
                          "index": cache["index"] + length}
-        if not with_logits and not self.is_initializing():  # hidden states only (PM / value,
-            # or a prefill that reads its last position with `lm_head_logits`)
+        if not with_logits and not self.is_initializing():  # PM / value, or a prefill
             return {"logits_BxLxV": None, "hidden_BxLxD": hidden_BxLxD, "cache": new_cache}
         head = embed.attend if cfg.tie_embeddings else _untied_head(cfg, name="lm_head")
         return {"logits_BxLxV": _float32_logits(head(hidden_BxLxD)),
@@ -379,9 +372,7 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> dict[str
 
 class ScalarHead(nn.Module):
     """Linear scalar read-out of a hidden state: the PM reward head / PPO value head.
-
-    Init N(0, 1/√(D+1)) as lm-human-preferences' reward head (RLHF_PRACTICE.md §2.9).
-    """
+    Init N(0, 1/√(D+1)) as lm-human-preferences' reward head (RLHF_PRACTICE.md §2.9)."""
 
     d_model: int
     zero_init: bool = False  # value heads start at 0 (RLHF_PRACTICE.md §2.9)

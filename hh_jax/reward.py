@@ -77,8 +77,8 @@ def score_step(params, batch, *, model: Transformer):
 
 
 def pair_row_lengths(comps, tok, max_len: int, layout: str) -> np.ndarray:
-    """Each pair's row length in tokens, as the loader will build it (length_grouped sorts
-    by it: sorting by characters instead leaves ~10% more padding on HH)."""
+    """Each pair's row length in tokens, as the loader will build it: the PM stage's
+    length_grouped sorts by it (by characters, batches pad more: BENCHMARKS.md)."""
     if layout == "shared":
         return np.asarray([len(loaders.pm_shared_example(c, tok, max_len)["tokens"])
                            for c in comps])
