@@ -1,7 +1,9 @@
 """evals/datasets.py: the shipped eval sets parse; bad input is a file:line DataError."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from hh_jax.evals import datasets
@@ -112,3 +114,42 @@ def test_winogenerated_bad_lines(tmp_path):
     p.write_text(json.dumps(good) + "\n\n" + json.dumps(no_field) + "\n")
     with pytest.raises(datasets.DataError, match=rf"^{p}:3: missing_field"):
         datasets.load_winogenerated(str(p))
+
+
+def test_shipped_bbq_targets_are_consistent():
+    items = datasets.load_bbq(subsets=["age_ambig", "age_disambig", "nationality_ambig"])
+    age = [i for i in items if i.meta["category"] == "Age"]
+    with_target = [i for i in age if i.meta["target"] is not None]
+    assert len(with_target) >= 1300
+    assert all(i.meta["target"] != i.meta["unknown"] for i in with_target)
+    assert all(i.meta["target"] is None for i in items if i.meta["category"] == "Nationality")
+    # BBQ pairs every disambiguated context with its counter-stereotypical twin: about half
+    # the correct answers are the biased ones
+    dis = [i for i in with_target if i.meta["condition"] == "disambig"]
+    biased = [(i.correct == i.meta["target"]) == (i.meta["polarity"] == "neg") for i in dis]
+    assert 0.4 < np.mean(biased) < 0.6
+
+
+def test_bbq_target_derivation(tmp_path):
+    from hh_jax.evals import bbq_targets
+
+    row = {"question_index": "1", "additional_metadata": {"stereotyped_groups": ["old"]},
+           "answer_info": {"ans0": ["grandfather", "old"], "ans1": ["grandson", "nonOld"],
+                           "ans2": ["Can't be determined", "unknown"]},
+           "ans0": "The grandfather", "ans1": "The grandson", "ans2": "Can't be determined"}
+    p = tmp_path / "Age.jsonl"
+    p.write_text(json.dumps(row) + "\n")
+    tables = bbq_targets._tables(str(p))
+    item = datasets.MCItem("bbq/age_ambig", (), ("The grandson", "Undetermined",
+                                                 "The grandfather"), (0, 1, 0), "f:1",
+                           {"unknown": 1, "question_index": "1"})
+    assert bbq_targets.target_of(item, *tables) == 2
+    other_q = dataclasses.replace(item, meta={"unknown": 1, "question_index": "2"})
+    assert bbq_targets.target_of(other_q, *tables) is None
+    p.write_text(json.dumps(row) + "\n{}\n")
+    with pytest.raises(datasets.DataError, match=rf"^{p}:2: bad_row"):
+        bbq_targets._tables(str(p))
+    t = tmp_path / "targets.jsonl"
+    t.write_text('{"subset": "age_ambig", "example_id": 0, "target": "x"}\n{"subset": 1}\n')
+    with pytest.raises(datasets.DataError, match=rf"^{t}:2: bad_row"):
+        datasets.load_bbq_targets(str(t))

@@ -113,6 +113,7 @@ def json_examples(path: str) -> tuple[dict, list[tuple[int, object]]]:
     dec = json.JSONDecoder()
     for m in re.finditer(r'"examples"\s*:\s*\[', text):
         pos, out = m.end(), []
+        line, counted = text.count("\n", 0, pos) + 1, pos  # counted incrementally: O(n)
         try:
             while True:
                 while text[pos] in " \t\r\n,":
@@ -120,7 +121,8 @@ def json_examples(path: str) -> tuple[dict, list[tuple[int, object]]]:
                 if text[pos] == "]":
                     break
                 item, end = dec.raw_decode(text, pos)
-                out.append((text.count("\n", 0, pos) + 1, item))
+                line, counted = line + text.count("\n", counted, pos), pos
+                out.append((line, item))
                 pos = end
         except (json.JSONDecodeError, IndexError):
             continue
@@ -258,11 +260,33 @@ def bbq_unknown_index(choices, path: str, line: int) -> int:
     return hits[0]
 
 
-def load_bbq(data_dir: str | None = None, subsets=None) -> list[MCItem]:
+def load_bbq_targets(path: str) -> dict[tuple[str, int], str]:
+    """{(subset, example_id): the choice naming the stereotyped group} (bbq_targets.py)."""
+    out = {}
+    for line, raw in read_lines(path):
+        if isinstance(raw, DataError):
+            raise raw
+        if not raw.strip():
+            continue
+        try:
+            r = json.loads(raw)
+            out[(r["subset"], int(r["example_id"]))] = r["target"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(path, line, "bad_row", str(e)) from None
+    return out
+
+
+def load_bbq(data_dir: str | None = None, subsets=None, targets: str | None = "auto"
+             ) -> list[MCItem]:
     """BBQ-lite (BIG-bench bbq_lite_json): one item per example, with meta category,
-    condition ("ambig" | "disambig"), polarity ("neg" | "nonneg") and the index of the
-    "unknown" choice."""
+    condition ("ambig" | "disambig"), polarity ("neg" | "nonneg"), the index of the
+    "unknown" choice, and `target`, the index of the choice naming the stereotyped group
+    where `targets` (default: bbq_lite/targets.jsonl.gz if present) knows it, else None."""
     root = path_of("bbq_lite", data_dir)
+    if targets == "auto":
+        targets = os.path.join(root, "targets.jsonl.gz")
+        targets = targets if os.path.exists(targets) else None
+    known = load_bbq_targets(targets) if targets else {}
     paths = sorted(glob.glob(os.path.join(root, "*", "task.json*")))
     if subsets is not None:
         paths = [p for p in paths if os.path.basename(os.path.dirname(p)) in subsets]
@@ -285,9 +309,15 @@ def load_bbq(data_dir: str | None = None, subsets=None) -> list[MCItem]:
             unknown = bbq_unknown_index(choices, path, line)
             if comment["context_condition"] == "ambig" and labels[unknown] != 1:
                 raise DataError(path, line, "bad_choices", "ambiguous, but 'unknown' is wrong")
+            target = known.get((subset, comment.get("example_id")))
+            if target is not None and target not in choices:
+                raise DataError(path, line, "bad_target",
+                                f"{targets} names {target!r}, not one of {choices}")
             meta = {"category": comment["category"], "condition": comment["context_condition"],
+                    "target": None if target is None else choices.index(target),
                     "polarity": comment["question_polarity"], "unknown": unknown,
-                    "example_id": comment.get("example_id")}
+                    "example_id": comment.get("example_id"),
+                    "question_index": comment.get("question_index")}
             items.append(MCItem(f"bbq/{subset}", (("Human", text),), tuple(choices),
                                 tuple(labels), f"{path}:{line}", meta))
     return items

@@ -136,8 +136,8 @@ def run(policies: list[str], pm: str, out_dir: str, *, select_pm: str | None = N
              for p in pols for k, q in enumerate(prompts)]
     scores = judge(texts).reshape(len(pols), len(prompts))
     table = elo_table(scores, [p.name for p in pols], n_boot=n_boot, seed=seed)
-    summary = {"pm": pm, "select_pm": select_pm or pm, "policies": [dataclasses.asdict(p)
-                                                                     for p in pols],
+    summary = {"pm": pm, "select_pm": select_pm or pm,
+               "policy_specs": [dataclasses.asdict(p) for p in pols],
                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                **table}
     print(report_table(summary), flush=True)
@@ -192,7 +192,7 @@ def report_table(summary: dict) -> str:
     rows = [(n, f"{e:.0f} [{lo:.0f}, {hi:.0f}]", f"{se:.0f}", f"{pe:.0f}", f"{m:.3f}",
              f"{w:.2f}" if np.isfinite(w) else "-")
             for n, e, lo, hi, se, pe, m, w in zip(
-                [p["name"] for p in summary["policies"]], summary["elo"], summary["lo"],
+                summary["policies"], summary["elo"], summary["lo"],
                 summary["hi"], summary["soft_elo"], summary["pm_elo"],
                 summary["mean_pm_score"], summary["win_rate_vs_anchor"], strict=True)]
     return common.table(("policy", "Elo [95%]", "soft Elo", "174·ΔPM", "mean PM",
@@ -203,7 +203,7 @@ def report_table(summary: dict) -> str:
 
 def plot(summary: dict, path: str) -> None:
     plt = common.pyplot()
-    names = [p["name"] for p in summary["policies"]]
+    names = summary["policies"]
     e, lo, hi = (np.asarray(summary[k]) for k in ("elo", "lo", "hi"))
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     m = np.asarray(summary["mean_pm_score"])

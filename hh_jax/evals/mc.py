@@ -207,9 +207,9 @@ def report_table(summary: dict) -> str:
             for cond in ("ambig", "disambig"):
                 a = r[f"accuracy_{cond}"]
                 b = r["bias"][cond]
+                bias = "n/a" if b is None else f"{b['bias']:+.3f} (n={b['n']})"
                 rows.append((f"BBQ-lite {cond} acc / bias", norm,
-                             f"{common.acc_cell(a)} / "
-                             f"{'n/a' if b is None else format(b['bias'], '.3f')}", a["n"]))
+                             f"{common.acc_cell(a)} / {bias}", a["n"]))
     if "gender_bias" in summary:
         g = summary["gender_bias"]
         rows.append(("gender bias B (App. B.10)", "sum",
