@@ -36,7 +36,9 @@ def reference(model, params, context, choice):
     return np.array([logp[n - 1 + t, tok] for t, tok in enumerate(choice)])
 
 
-def test_branches_equal_separate_forwards(model_params):
+@pytest.mark.parametrize("head_chunk", [64, 4])  # 4: the LM head in chunks (lax.map)
+def test_branches_equal_separate_forwards(model_params, head_chunk, monkeypatch):
+    monkeypatch.setattr(loglik, "HEAD_CHUNK", head_chunk)
     model, params = model_params
     rng = np.random.default_rng(0)
     reqs = [loglik.Request(tuple(rng.integers(4, 500, n_ctx)),

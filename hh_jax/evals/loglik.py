@@ -30,6 +30,8 @@ import numpy as np
 from hh_jax import chat
 from hh_jax.model import Transformer, lm_head_logits
 
+HEAD_CHUNK = 64  # positions whose V-wide logits exist at once (B·64·V floats)
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -95,8 +97,19 @@ def _token_logprobs(params, tokens_BxL, mask_BxL, positions_BxL, branch_BxL, pre
     out = model.apply(params, tokens_BxL, positions_BxL=positions_BxL, mask_BxL=mask_BxL,
                       branch_ids_BxL=branch_BxL, with_logits=False)
     hidden_BxTxD = jnp.take_along_axis(out["hidden_BxLxD"], pred_BxT[:, :, None], axis=1)
-    logp_BxTxV = jax.nn.log_softmax(lm_head_logits(params, hidden_BxTxD, model.cfg), axis=-1)
-    return jnp.take_along_axis(logp_BxTxV, target_BxT[:, :, None], axis=-1)[..., 0]
+
+    def head(args):  # log P(target) at C positions: the V-wide logits of C positions only
+        h_BxCxD, t_BxC = args
+        logp_BxCxV = jax.nn.log_softmax(lm_head_logits(params, h_BxCxD, model.cfg), axis=-1)
+        return jnp.take_along_axis(logp_BxCxV, t_BxC[:, :, None], axis=-1)[..., 0]
+
+    b, t = target_BxT.shape
+    c = min(t, HEAD_CHUNK)  # T and HEAD_CHUNK are powers of two
+    if c == t:
+        return head((hidden_BxTxD, target_BxT))
+    h_NxBxCxD = hidden_BxTxD.reshape(b, t // c, c, -1).transpose(1, 0, 2, 3)
+    t_NxBxC = target_BxT.reshape(b, t // c, c).transpose(1, 0, 2)
+    return jax.lax.map(head, (h_NxBxCxD, t_NxBxC)).transpose(1, 0, 2).reshape(b, t)
 
 
 class Scorer:
