@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -100,24 +101,21 @@ def fill_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
 def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
     """Runs every stage in `config.stages` under `workdir/<stage>`, skipping complete ones."""
     from hh_jax import checkpoint, metrics  # the stages and these import JAX: not at load time
-    from hh_jax.stages import bon, distill, lm, pm, ppo
+    from hh_jax.stages import base, bon, distill, lm, pm, ppo
 
-    runners = {"lm": lm.train_and_evaluate, "pmp": pm.train_and_evaluate,
-               "pm": pm.train_and_evaluate, "ppo": ppo.train_and_evaluate,
-               "distill": distill.train_and_evaluate, "bon": bon.train_and_evaluate}
+    runners = {"base": base.train_and_evaluate, "lm": lm.train_and_evaluate,
+               "distill": distill.train_and_evaluate, "pmp": pm.train_and_evaluate,
+               "pm": pm.train_and_evaluate, "pm_frozen": pm.train_frozen_and_evaluate,
+               "ppo": ppo.train_and_evaluate, "bon": bon.train_and_evaluate}
     workdir = os.path.abspath(workdir)
     config = fill_workdir(config, workdir)
+    check(config, workdir, runners)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1, sort_keys=True))
     summaries = {}
     for name in config.stages:
-        if name not in config:
-            raise ValueError(f"stage {name!r} is listed in config.stages but has no config")
-        kind = config[name].get("stage", name)  # e.g. stage "pm_no_pmp" of kind "pm"
-        if kind not in runners:
-            raise ValueError(f"unknown stage kind {kind!r} for {name!r}; "
-                             f"known: {sorted(runners)}")
+        kind = config[name].get("stage", name)
         stage_dir = os.path.join(workdir, name)
         if checkpoint.is_complete(stage_dir):
             print(f"[{name}] complete, skipped ({stage_dir}/summary.json)", flush=True)
@@ -127,3 +125,53 @@ def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
         summaries[name] = runners[kind](config[name], stage_dir)
         print(f"[{name}] done in {time.time() - t0:.0f}s", flush=True)
     return summaries
+
+
+_SOURCES = ("init_from", "policy_from", "pm_from", "test_pm_from", "teacher")
+
+
+def check(config: ConfigDict, workdir: str, kinds) -> None:
+    """Errors a run would meet late, raised before any stage computes: unknown stage kinds,
+    a base model that is not there, and models that must share a tokenizer (a policy and
+    its PMs, a student and its teacher) but descend from different ones."""
+    from hh_jax.pretrained import registry
+
+    for name in config.stages:
+        if name not in config:
+            raise ValueError(f"stage {name!r} is listed in config.stages but has no config")
+        kind = config[name].get("stage", name)  # e.g. stage "pm_no_pmp" of kind "pm"
+        if kind not in kinds:
+            raise ValueError(f"unknown stage kind {kind!r} for {name!r}; known: {sorted(kinds)}")
+        if kind == "base" and not registry.is_pretrained(config[name].model):
+            raise ValueError(f"{name}.model {config[name].model!r}: not a known pretrained model "
+                             f"({sorted(registry.PRETRAINED)}), a .gguf file or an HF directory")
+    for name in config.stages:
+        roots = {key: tokenizer_root(config, workdir, config[name][key])
+                 for key in _SOURCES if config[name].get(key)}
+        if len(set(roots.values())) > 1:
+            raise ValueError(f"stage {name!r}: its models descend from different tokenizers "
+                             f"({roots}); a policy, its PMs and a teacher must share one")
+
+
+def tokenizer_root(config: ConfigDict, workdir: str, path: str, depth: int = 0) -> str:
+    """Where the tokenizer of the export at `path` comes from: a pretrained model, an `lm`
+    stage trained from scratch (it trains its own), or an existing export's tokenizer —
+    following each stage's source (`init_from`, `policy_from`) through this config."""
+    from hh_jax.pretrained import registry
+
+    if registry.is_pretrained(path):
+        return f"pretrained {path}"
+    rel = os.path.relpath(path, workdir).split(os.sep)
+    if len(rel) == 2 and rel[1] == "params" and rel[0] in config and depth < 20:
+        stage = config[rel[0]]
+        if stage.get("stage", rel[0]) == "base":
+            return f"pretrained {stage.model}"
+        src = stage.get("policy_from") or stage.get("init_from")
+        if not src:  # trained from scratch with its own tokenizer
+            return f"stage {rel[0]}"
+        return tokenizer_root(config, workdir, src, depth + 1)
+    meta = os.path.join(path, "meta.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            return f"tokenizer {json.load(f).get('tokenizer')}"
+    return f"export {path}"

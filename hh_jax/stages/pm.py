@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, losses, metrics, reward, sharding, state, trainer
+from hh_jax import checkpoint, losses, metrics, pm_cache, pm_top, reward, sharding, state, trainer
 from hh_jax.data import hh, loaders, stackexchange
 from hh_jax.evals import pm_accuracy
 from hh_jax.model import SIZES, ModelConfig, ScalarHead, Transformer
@@ -201,7 +201,85 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
         ckpts.close()
     writer.write(int(st.step), pm_accuracy.eval_metrics(report))
     writer.close()
-    return _finish(cfg, stage_dir, st, mcfg, report, data_report, len(held))
+    return _finish(cfg, stage_dir, int(st.step), st.params, mcfg, report, data_report, len(held))
+
+
+def train_frozen_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
+    """Stage `pm_frozen`: the PM finetuned above a frozen trunk (hh_jax/pm_top.py).
+
+    The trunk (layers below `frozen_layers`) runs once per pair into a cache on disk
+    (hh_jax/pm_cache.py; `cache_dir`, shared by stages: a cache holding every pair of the
+    same trunk and settings is reused); each step then trains the top layers, the final
+    norm and the head on cached activations. Held-out pairs are scored the same way.
+    The export is an ordinary PM export (trunk + trained top + head). Same config as `pm`
+    plus `frozen_layers` and `cache_dir`; `init_from` must be an LM export (e.g. `base`).
+    """
+    name = os.path.basename(os.path.normpath(stage_dir))
+    os.makedirs(stage_dir, exist_ok=True)
+    if jax.process_count() > 1:
+        raise NotImplementedError("pm_frozen runs on one process (its cache is local)")
+    meta = checkpoint.read_meta(cfg.init_from)
+    if meta.get("stage") != "lm":
+        raise ValueError(f"{name}.init_from {cfg.init_from}: a {meta.get('stage')!r} export; "
+                         "the frozen-trunk PM starts from an LM export (e.g. the base stage's)")
+    mcfg = ModelConfig(**meta["model"]).replace(**dict(cfg.get("model_overrides", {}) or {}))
+    tok = load_tokenizer(checkpoint.tokenizer_spec(cfg.init_from))
+    lm_params = jax.device_get(checkpoint.import_params(cfg.init_from))
+    comps, data_report = load_comparisons(cfg.data)
+    held = heldout_pairs(cfg.eval)
+    kw = dict(max_len=cfg.max_len, n_frozen=cfg.frozen_layers)
+    cache, rows = pm_cache.find_or_build(cfg.cache_dir, f"pairs_{len(comps)}_{cfg.max_len}",
+                                         comps, tok, mcfg, lm_params, **kw)
+    hcache, hrows = pm_cache.find_or_build(cfg.cache_dir, f"heldout_{len(held)}_{cfg.max_len}",
+                                           held, tok, mcfg, lm_params, **kw)
+    order = []
+    for epoch in range(cfg.epochs):  # one fresh length-grouped order per epoch
+        order += length_grouped(list(rows), cache["lengths"][rows], cfg.batch_size,
+                                cfg.seed + epoch)
+    batches = pm_top.CacheBatches(cache, order, cfg.batch_size)
+    print(f"[{name}] {len(rows)} training pairs ({data_report}), {len(batches)} steps, top "
+          f"{mcfg.n_layers - cfg.frozen_layers} of {mcfg.n_layers} layers trained; "
+          f"{len(held)} held-out HH pairs", flush=True)
+    mesh = sharding.make_mesh(cfg.mesh)
+    head = ScalarHead(mcfg.d_model, use_bias=False)
+    head_init = lambda: head.init(jax.random.key(cfg.seed + 1), jnp.zeros((2, mcfg.d_model)))  # noqa
+    boxed_top = lambda: pm_top.split_params({"backbone": Transformer(mcfg).init(  # noqa: E731
+        jax.random.key(cfg.seed), jnp.zeros((2, 8), jnp.int32)), "head": head_init()},
+        cfg.frozen_layers)[1]
+    frozen, top0 = pm_top.split_params({"backbone": lm_params,
+                                        "head": jax.device_get(nn.unbox(head_init()))},
+                                       cfg.frozen_layers)
+    lr = cfg.base_lr * cfg.lr_ratio
+    optimizer = make_optimizer(ConfigDict({**cfg.optim.to_dict(), "lr": lr}), len(batches))
+    st, st_sh, ckpts, data_state, how = trainer.resume_or_init(
+        cfg, stage_dir, boxed_top, optimizer, mesh, lambda _, target: jax.tree_util.tree_map(
+            lambda x, t: jax.device_put(x, t.sharding), top0, target))
+    if data_state is not None:
+        batches.set_state(data_state["iterator"])
+    step_fn = trainer.jit_train_step(functools.partial(
+        pm_top.train_step, cfg=mcfg, optimizer=optimizer, bradley_terry=reward.bradley_terry),
+        st_sh, mesh)
+    score_fn = jax.jit(functools.partial(pm_top.pair_scores, cfg=mcfg))
+    heldout = lambda top: pm_accuracy.comparisons_report(  # noqa: E731
+        held, *pm_top.score_cache(score_fn, top, hcache, hrows))
+    writer = metrics.MetricsWriter(stage_dir)
+    print(f"[{name}] {mcfg.n_layers}L d{mcfg.d_model}, lr {lr:.2e}, {how}", flush=True)
+    weight = _pair_weights(cfg)
+    try:
+        with sharding.activate(mesh):
+            st = trainer.train_loop(
+                name, cfg, st, step_fn, lambda _: weight(batches.next()),
+                lambda _: {"iterator": batches.get_state()}, ckpts, writer, mesh, len(batches),
+                evaluate=lambda top, _: pm_accuracy.eval_metrics(heldout(top)),
+                real_tokens=_real_tokens)
+            report = heldout(st.params)
+    finally:
+        ckpts.close()
+    writer.write(int(st.step), pm_accuracy.eval_metrics(report))
+    writer.close()
+    return _finish(cfg, stage_dir, int(st.step), pm_top.join_params(frozen, jax.device_get(
+        st.params)), mcfg, report, data_report, len(held), extra={
+        "frozen_layers": cfg.frozen_layers, "cache": cache["meta"]})
 
 
 def _pair_weights(cfg: ConfigDict):
@@ -219,7 +297,8 @@ def _real_tokens(batch) -> float:
     return float((batch["chosen_len_B"] + batch["rejected_len_B"])[live].sum())
 
 
-def _finish(cfg, stage_dir, st, mcfg, report, data_report, n_held) -> dict:
+def _finish(cfg, stage_dir, step: int, params, mcfg, report, data_report, n_held,
+            extra: dict | None = None) -> dict:
     name = os.path.basename(os.path.normpath(stage_dir))
     export_dir = os.path.join(stage_dir, "params")
     if registry.is_pretrained(cfg.get("init_from", "")):
@@ -228,15 +307,16 @@ def _finish(cfg, stage_dir, st, mcfg, report, data_report, n_held) -> dict:
         tok_name = checkpoint.copy_tokenizer(cfg.init_from, export_dir)
     else:
         tok_name = cfg.tokenizer
-    checkpoint.export_params(export_dir, st.params, {
-        "stage": cfg.stage, "step": int(st.step), "model": dataclasses.asdict(mcfg),
+    checkpoint.export_params(export_dir, params, {
+        "stage": "pm" if cfg.stage == "pm_frozen" else cfg.stage, "step": step,
+        "model": dataclasses.asdict(mcfg),
         "tokenizer": tok_name, "scores": report["scores"], "max_len": cfg.max_len,
         "pair_layout": cfg.get("pair_layout", "shared")})
     table = pm_accuracy.format_table(report, f"[{name}] held-out HH accuracy ({n_held} pairs)")
     print(table, flush=True)
     pm_accuracy.reliability_plot(report, os.path.join(stage_dir, "calibration.png"),
                               f"{name}: held-out HH pairs")
-    summary = {**pm_accuracy.eval_metrics(report), "report": report, "steps": int(st.step),
-               "data": data_report, "heldout_pairs": n_held}
+    summary = {**pm_accuracy.eval_metrics(report), "report": report, "steps": step,
+               "data": data_report, "heldout_pairs": n_held, **(extra or {})}
     metrics.write_summary(stage_dir, summary)
     return summary
