@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 from hh_jax import checkpoint, losses, metrics, pm_cache, pm_top, reward, sharding, state, trainer
 from hh_jax.data import hh, loaders, stackexchange
-from hh_jax.evals import pm_accuracy
+from hh_jax.evals import pm_accuracy, pm_probe
 from hh_jax.model import SIZES, ModelConfig, ScalarHead, Transformer
 from hh_jax.optim import make_optimizer
 from hh_jax.pretrained import convert, registry
@@ -213,6 +213,8 @@ def train_frozen_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     norm and the head on cached activations. Held-out pairs are scored the same way.
     The export is an ordinary PM export (trunk + trained top + head). Same config as `pm`
     plus `frozen_layers` and `cache_dir`; `init_from` must be an LM export (e.g. `base`).
+    `probe_layers` (1-based) adds a linear preference probe of the frozen model per layer
+    (hh_jax/evals/pm_probe.py) to the summary and probes.png.
     """
     name = os.path.basename(os.path.normpath(stage_dir))
     os.makedirs(stage_dir, exist_ok=True)
@@ -277,9 +279,18 @@ def train_frozen_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
         ckpts.close()
     writer.write(int(st.step), pm_accuracy.eval_metrics(report))
     writer.close()
+    extra = {"frozen_layers": cfg.frozen_layers, "cache": cache["meta"]}
+    if cfg.get("probe_layers"):  # linear probes of the frozen model's layers, beside the PM
+        extra["probes"] = pm_probe.layer_probes(cache["reads_Px2xNxD"], rows,
+                                                hcache["reads_Px2xNxD"], hrows,
+                                                [layer - 1 for layer in cfg.probe_layers])
+        pm_probe.plot(extra["probes"], os.path.join(stage_dir, "probes.png"),
+                      f"{name}: linear probes of the frozen model (held-out pairs)",
+                      report["overall"]["longer_wins"], report["overall"]["accuracy"])
+        print(f"[{name}] probe accuracy by layer: " + ", ".join(
+            f"{r['layer']}: {r['accuracy']:.3f}" for r in extra["probes"]["layers"]), flush=True)
     return _finish(cfg, stage_dir, int(st.step), pm_top.join_params(frozen, jax.device_get(
-        st.params)), mcfg, report, data_report, len(held), extra={
-        "frozen_layers": cfg.frozen_layers, "cache": cache["meta"]})
+        st.params)), mcfg, report, data_report, len(held), extra=extra)
 
 
 def _pair_weights(cfg: ConfigDict):
