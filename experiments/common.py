@@ -13,6 +13,11 @@ HH_DIR = os.path.join(REPO, "data", "hh-rlhf")
 SE_DIR = os.path.join(REPO, "data", "stackexchange")
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 
+# A sampled response ends at EOS or where the model starts the next Human turn itself (the
+# HH-format prompts of the ppo / bon stages); () stops at EOS only. Trained like a
+# multi-token EOS, never part of the PM's input (hh_jax/ppo.py).
+HH_STOP = ("\n\nHuman:",)
+
 # Nested data fractions for scaling sweeps (a smaller one is a subset of every larger one).
 DATA_FRACTIONS = (1 / 64, 1 / 16, 1 / 4, 1.0)
 PAPER_SIZES = ("13M", "42M", "197M", "810M", "2.7B", "13B", "52B")
@@ -99,6 +104,7 @@ def ppo_config(**overrides) -> ConfigDict:
         data=ConfigDict(dict(hh_dir=HH_DIR, subsets=HH_SUBSETS)),
         prompt_len=64,
         response_len=32,
+        stop_strings=HH_STOP,
         batch_size=16,
         iterations=40,
         eval_prompts=64,
@@ -167,6 +173,7 @@ def bon_config(**overrides) -> ConfigDict:
         eval_prompts=64,
         prompt_len=64,
         response_len=32,
+        stop_strings=HH_STOP,
         batch_size=64,
         temperature=1.0,
         mesh=(-1, 1, 1),

@@ -39,8 +39,10 @@ def load_pretrained_model(name_or_path: str):
 def sample_texts(model: Transformer, params, tok, fmt: chat.ChatFormat, prompts: list[str], *,
                  max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 0.95, seed: int = 0, raw: bool = False) -> list[str]:
-    """Continues each prompt. Not raw: the prompt is a dialogue turn in `fmt` and the
-    result reads as an HH transcript ending in the Assistant's reply."""
+    """Continues each prompt. Not raw: the prompt is a dialogue turn in `fmt`, sampling
+    stops at EOS or at the format's stop string (`sampling.STOP_STRINGS`: the model starting
+    the next turn itself), and the result reads as an HH transcript ending in the
+    Assistant's reply. Raw: the prompt is continued as text, up to EOS."""
     turns = [chat.prompt_turns(p) for p in prompts]
     ids = ([tok.encode(p) for p in prompts] if raw
            else [chat.prompt_ids(tok, t, fmt) for t in turns])
@@ -48,16 +50,19 @@ def sample_texts(model: Transformer, params, tok, fmt: chat.ChatFormat, prompts:
     tokens, mask = sampling.pad_prompts([i[-room:] for i in ids], tok.pad_id)
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p)
+    stops = None if raw else sampling.stop_table(tok, sampling.STOP_STRINGS[fmt.name],
+                                                 vocab_size=model.cfg.vocab_size)
     fn = jax.jit(functools.partial(sampling.sample, model=model, cfg=cfg, eos_id=tok.eos_id,
                                    pad_id=tok.pad_id))
-    out = jax.device_get(fn(params, tokens, mask, jax.random.key(seed)))
+    out = jax.device_get(fn(params, tokens, mask, jax.random.key(seed), stops=stops))
     results = []
-    for prompt, t, row, n in zip(prompts, turns, out["tokens_BxR"], out["lengths_B"],
-                                 strict=True):
+    for prompt, t, row, n in zip(prompts, turns, out["tokens_BxR"],
+                                 out["lengths_B"] + out["stop_lengths_B"], strict=True):
         reply = tok.decode(row[:n])
         if raw:
             results.append(prompt + reply)
-        else:  # the model may go on to write the next Human turn itself: cut there
+        else:  # decoded through the stop tokens, cut at the exact text: a stop's first
+            # token may hold text of the reply (".\n\n" in sentencepiece)
             reply = chat.cut_reply(reply, fmt)
             results.append(chat.render(t + [("Assistant", reply)], chat.HH))
     return results

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, ppo, sampling, state
+from hh_jax import checkpoint, ppo, sampling, sharding, state
 from hh_jax.data import hh
 from hh_jax.model import ModelConfig, ScalarHead, Transformer
 from hh_jax.tokenizer import load_tokenizer
@@ -63,18 +63,32 @@ def load_models(cfg: ConfigDict, mesh):
     return policy, pm, test_pm, load_tokenizer(checkpoint.tokenizer_spec(cfg.policy_from))
 
 
+def stage_stops(cfg: ConfigDict, tok, vocab_size: int, mesh=None) -> sampling.StopTable | None:
+    """The sampler's table of a ppo / bon stage's `stop_strings` (None for `()`: EOS only),
+    built once on the host and, given `mesh`, placed replicated on it. The stages pass it
+    to their jitted sampling as a traced argument: one compiled program for the run."""
+    strings = tuple(cfg.get("stop_strings") or ())
+    if not strings:
+        return None
+    table = sampling.stop_table(tok, strings, vocab_size=vocab_size)
+    return table if mesh is None else jax.device_put(table, sharding.replicated(mesh))
+
+
 def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, prompts, masks, rng,
-                     *, policy_model, pm_model, test_pm_model, sample_cfg, tok, temperature):
+                     stops: sampling.StopTable | None = None, *, policy_model, pm_model,
+                     test_pm_model, sample_cfg, tok, temperature):
     """Evaluation: responses to held-out prompts, both PMs' scores and, when `ref_params`
-    is given, their KL to that reference (π0)."""
+    is given, their KL to that reference (π0). A response ends at EOS or at one of `stops`;
+    the PMs score it without its stop string, the KL covers the stop tokens too (as in
+    training, `ppo.trained_mask`)."""
     ppo.check_temperature(temperature, "temperature")
     s = sampling.sample(policy_params, prompts, masks, rng, model=policy_model, cfg=sample_cfg,
-                        eos_id=tok.eos_id, pad_id=tok.pad_id)
+                        eos_id=tok.eos_id, pad_id=tok.pad_id, stops=stops)
     pm_tokens, pm_mask, pm_len = ppo.with_eoc(s["prompt_BxQ"], s["prompt_mask_BxQ"],
                                               s["tokens_BxR"], s["lengths_B"], s["ended_B"],
                                               tok.eoc_id)
-    out = {"tokens_BxR": s["tokens_BxR"], "lengths_B": s["lengths_B"],
-           "score_B": ppo.pm_score(pm_params, pm_tokens, pm_mask, pm_len - 1, model=pm_model)}
+    out = {k: s[k] for k in ("tokens_BxR", "lengths_B", "ended_B", "stopped_B")}
+    out["score_B"] = ppo.pm_score(pm_params, pm_tokens, pm_mask, pm_len - 1, model=pm_model)
     if test_pm_params is not None:
         out["test_score_B"] = ppo.pm_score(test_pm_params, pm_tokens, pm_mask, pm_len - 1,
                                            model=test_pm_model)
@@ -87,11 +101,11 @@ def sample_and_score(policy_params, ref_params, pm_params, test_pm_params, promp
 def response_kl(policy_params, ref_params, s: dict, *, model, temperature) -> dict:
     """KL of sampled responses (`sampling.sample`'s output `s`) to a reference policy.
 
-    kl_B: the exact per-token KL summed over the response (≥ 0, low variance);
-    kl_sample_B: the sampled log π − log π_ref (k1, what the reward penalises); same
-    expectation."""
+    kl_B: the exact per-token KL summed over the response and its stop tokens (≥ 0, low
+    variance); kl_sample_B: the sampled log π − log π_ref (k1, what the reward penalises);
+    same expectation."""
     q = s["prompt_BxQ"].shape[1]
-    mask_BxR = jnp.arange(s["tokens_BxR"].shape[1])[None] < s["lengths_B"][:, None]
+    mask_BxR = ppo.trained_mask(s, s["tokens_BxR"].shape[1])
     tokens = jnp.concatenate([s["prompt_BxQ"], s["tokens_BxR"]], 1)
     mask = jnp.concatenate([s["prompt_mask_BxQ"], mask_BxR], 1)
     logp_BxRxV, ref_BxRxV = (ppo.response_log_softmax(p, tokens, mask, q, model=model,
@@ -112,5 +126,6 @@ def eval_setup(cfg: ConfigDict, temperature: float) -> dict:
     the sampling. Best-of-n compares with a PPO run only where these agree (stages/bon.py)."""
     out = {k: cfg.get(k) for k in EVAL_SETUP_KEYS}
     out["prompts"] = {"hh_dir": cfg.data.hh_dir, "subsets": list(cfg.data.subsets or [])}
+    out["stop_strings"] = list(cfg.get("stop_strings") or [])
     out["temperature"] = float(temperature)
     return out

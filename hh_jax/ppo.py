@@ -1,10 +1,17 @@
-"""PPO against a PM with a KL penalty to π0 (PAPER.md §4–5): pure functions, shapes in names.
+r"""PPO against a PM with a KL penalty to π0 (PAPER.md §4–5): pure functions, shapes in names.
 
 One iteration: `rollout` (KV-cache sampling from π, which also gives log π; per-token log π0
 from a full forward pass; values, the PM score at the end of each response) →
-`compute_rewards` (−λ·(log π − log π0) per token, PM score at the final real token) → `gae`
-→ `ppo_update` (K epochs × minibatches inside one jit). Policy and value are separate param
-trees; π0 and the PM are frozen jit arguments. The KL controller runs on the host.
+`compute_rewards` (−λ·(log π − log π0) per token, PM score at the final trained token) →
+`gae` → `ppo_update` (K epochs × minibatches inside one jit). Policy and value are separate
+param trees; π0 and the PM are frozen jit arguments. The KL controller runs on the host.
+
+A response ends at EOS or at a stop string (`sampling.sample`'s `stops`, e.g. "\n\nHuman:":
+the model starting the next Human turn itself). The stop string is trained like a
+multi-token EOS: the response mask covers the response and its stop tokens (the policy
+learns to end its turn there) and the score sits at the last stop token; the PM's *input*
+ends before the stop string (`with_eoc` over the response only), so it never scores an
+invented Human turn.
 
 Work not repeated: the last layer and the LM head (V wide) run at the R response positions
 only (the PM's last layer: at its one read position); with K = 1 and one minibatch
@@ -152,11 +159,22 @@ def with_eoc(prompt_BxQ, prompt_mask_BxQ, response_BxR, lengths_B, ended_B, eoc_
     return tokens_BxT1, mask_BxT1, q + body_B + 1
 
 
-def rollout(policy_params, ref_params, value_params, prompt_BxQ, prompt_mask_BxQ, rng, *,
-            policy_model: Transformer, value_model: Transformer, sample_cfg, eos_id: int,
-            pad_id: int, temperature: float, reuse_sampler_logprobs: bool | None = None,
-            with_values: bool = True):
+def trained_mask(s: dict, r: int):
+    """The response positions PPO trains on (and sums KL over) of `sampling.sample`'s output
+    `s`: the response (EOS included) and, for a stopped row, its stop string's tokens."""
+    n_B = s["lengths_B"] + s["stop_lengths_B"]
+    return jnp.arange(r)[None, :] < n_B[:, None]
+
+
+def rollout(policy_params, ref_params, value_params, prompt_BxQ, prompt_mask_BxQ, rng,
+            stops: sampling.StopTable | None = None, *, policy_model: Transformer,
+            value_model: Transformer, sample_cfg, eos_id: int, pad_id: int, temperature: float,
+            reuse_sampler_logprobs: bool | None = None, with_values: bool = True):
     """Samples responses from π; per-token log π0 from a full forward pass, values.
+
+    `stops`: the stop strings' table (a traced argument: any table of the same shape runs
+    the same program). `mask_BxR` covers each response and its stop tokens (`trained_mask`);
+    `lengths_B` is the response before the stop string, what the PM scores.
 
     log π (and the entropy) are the sampler's own — the KV-cache decode of the same π at
     the same temperature, equal to a full forward's within float tolerance (tested) — or,
@@ -167,9 +185,9 @@ def rollout(policy_params, ref_params, value_params, prompt_BxQ, prompt_mask_BxQ
     if reuse_sampler_logprobs is None:
         reuse_sampler_logprobs = jnp.dtype(policy_model.cfg.dtype) == jnp.float32
     s = sampling.sample(policy_params, prompt_BxQ, prompt_mask_BxQ, rng, model=policy_model,
-                        cfg=sample_cfg, eos_id=eos_id, pad_id=pad_id)
+                        cfg=sample_cfg, eos_id=eos_id, pad_id=pad_id, stops=stops)
     q, r = prompt_BxQ.shape[1], sample_cfg.max_new_tokens
-    mask_BxR = jnp.arange(r)[None, :] < s["lengths_B"][:, None]
+    mask_BxR = trained_mask(s, r)
     tokens_BxT = jnp.concatenate([s["prompt_BxQ"], s["tokens_BxR"]], axis=1)
     mask_BxT = jnp.concatenate([s["prompt_mask_BxQ"], mask_BxR], axis=1)
     if reuse_sampler_logprobs:
@@ -184,31 +202,35 @@ def rollout(policy_params, ref_params, value_params, prompt_BxQ, prompt_mask_BxQ
                                         temperature=temperature)
     out = {"tokens_BxT": tokens_BxT, "mask_BxT": mask_BxT, "mask_BxR": mask_BxR,
            "logp_BxR": logp_BxR, "ref_logp_BxR": ref_logp_BxR, "entropy_BxR": entropy_BxR,
-           "lengths_B": s["lengths_B"], "ended_B": s["ended_B"],
-           "sampler_logp_BxR": s["logprobs_BxR"]}
+           "lengths_B": s["lengths_B"], "ended_B": s["ended_B"], "stopped_B": s["stopped_B"],
+           "stop_lengths_B": s["stop_lengths_B"], "sampler_logp_BxR": s["logprobs_BxR"]}
     if with_values:
         out["values_BxR"] = values_of(value_params, tokens_BxT, mask_BxT, q, model=value_model)
     return out
 
 
 def score_rollout(pm_params, roll: dict, q: int, *, pm_model: Transformer, eoc_id: int):
-    """The PM's score of each (prompt, response): read at an EOC put after the response."""
+    """The PM's score of each (prompt, response): read at an EOC put after the response
+    (`lengths_B` tokens: a stopped row's stop string is not part of the PM's input)."""
     tokens, mask, length_B = with_eoc(roll["tokens_BxT"][:, :q], roll["mask_BxT"][:, :q],
                                       roll["tokens_BxT"][:, q:], roll["lengths_B"],
                                       roll["ended_B"], eoc_id)
     return pm_score(pm_params, tokens, mask, length_B - 1, model=pm_model)
 
 
-def compute_rewards(score_B, logp_BxR, ref_logp_BxR, mask_BxR, lengths_B, ended_B, kl_coef,
+def compute_rewards(score_B, logp_BxR, ref_logp_BxR, mask_BxR, finished_B, kl_coef,
                     cfg: PPOConfig):
     """Per-token −λ·(log π − log π0) (k1 estimator, LMHP), plus the normalised PM score at
-    the final real token; responses without EOS may get a fixed score instead."""
+    the last trained token (`mask_BxR`, a prefix of each row: the EOS, or a stopped row's
+    last stop token); responses that neither ended nor stopped (`finished_B` False) may
+    get a fixed score instead."""
     score_B = (score_B - cfg.score_shift) / cfg.score_scale
     if cfg.missing_eos_score is not None:
-        score_B = jnp.where(ended_B, score_B, cfg.missing_eos_score)
+        score_B = jnp.where(finished_B, score_B, cfg.missing_eos_score)
     kl_BxR = (logp_BxR - ref_logp_BxR) * mask_BxR
     rewards_BxR = -kl_coef * kl_BxR
-    last_BxR = jnp.arange(mask_BxR.shape[1])[None, :] == (lengths_B - 1)[:, None]
+    last_B = mask_BxR.sum(axis=1) - 1
+    last_BxR = jnp.arange(mask_BxR.shape[1])[None, :] == last_B[:, None]
     rewards_BxR = rewards_BxR + jnp.where(last_BxR & mask_BxR, score_B[:, None], 0.0)
     return rewards_BxR, kl_BxR, score_B
 
@@ -299,9 +321,10 @@ def advantages(roll: dict, score_B, kl_coef, cfg: PPOConfig) -> tuple[dict, dict
     A rollout without values (`rollout(..., with_values=False)`, for `single_pass`) gives
     a batch with the per-token rewards instead: `ppo_update` finishes GAE there."""
     raw_score_B = score_B
+    stopped_B = roll["stopped_B"]
     rewards, kl_BxR, score_B = compute_rewards(score_B, roll["logp_BxR"],
                                                roll["ref_logp_BxR"], roll["mask_BxR"],
-                                               roll["lengths_B"], roll["ended_B"], kl_coef, cfg)
+                                               roll["ended_B"] | stopped_B, kl_coef, cfg)
     kl_B = kl_BxR.sum(1)
     m = roll["mask_BxR"]
     metrics = {"objective/score": raw_score_B.mean(), "objective/score_used": score_B.mean(),
@@ -309,7 +332,8 @@ def advantages(roll: dict, score_B, kl_coef, cfg: PPOConfig) -> tuple[dict, dict
                    kl_B.mean(), 0.0)), "objective/kl_coef": kl_coef,
                "objective/entropy": (roll["entropy_BxR"] * m).sum(1).mean(),
                "response/length": roll["lengths_B"].mean(),
-               "response/ended": roll["ended_B"].mean()}
+               "response/ended": roll["ended_B"].mean(),
+               "response/stopped": stopped_B.mean()}
     batch = {k: roll[k] for k in ("tokens_BxT", "mask_BxT", "mask_BxR", "logp_BxR")}
     if "values_BxR" not in roll:
         return {**batch, "rewards_BxR": rewards}, metrics

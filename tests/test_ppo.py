@@ -69,19 +69,23 @@ def test_ppo_losses_match_numpy():
 
 
 def test_reward_assembly_by_hand():
-    logp = jnp.array([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
-    ref = jnp.array([[-1.5, -1.0, -3.0], [-2.0, -2.0, -2.0]])
-    mask = jnp.array([[True, True, False], [True, True, True]])
-    lengths, ended = jnp.array([2, 3]), jnp.array([True, False])
+    logp = jnp.array([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    ref = jnp.array([[-1.5, -1.0, -3.0], [-2.0, -2.0, -2.0], [-1.0, -2.0, -4.0]])
+    # row 2: stopped with an empty response (0 tokens before a 2-token stop string): the
+    # mask covers the stop tokens
+    mask = jnp.array([[True, True, False], [True, True, True], [True, True, False]])
+    finished = jnp.array([True, False, True])  # ended, ran out, stopped
     cfg = ppo.PPOConfig(score_shift=1.0, score_scale=2.0, missing_eos_score=-5.0)
-    rewards, kl, score = ppo.compute_rewards(jnp.array([3.0, 9.0]), logp, ref, mask, lengths,
-                                             ended, 0.1, cfg)
-    np.testing.assert_allclose(kl, [[0.5, -1.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards, kl, score = ppo.compute_rewards(jnp.array([3.0, 9.0, 7.0]), logp, ref, mask,
+                                             finished, 0.1, cfg)
+    np.testing.assert_allclose(kl, [[0.5, -1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
     # row 0: ended; score (3−1)/2 = 1 at its last real token (index 1); nothing after EOS
     np.testing.assert_allclose(rewards[0], [-0.05, 0.1 + 1.0, 0.0], atol=1e-6)
     # row 1: no EOS → the fixed penalty score replaces the PM's
     np.testing.assert_allclose(rewards[1], [-0.1, -0.1, -0.1 - 5.0], atol=1e-6)
-    np.testing.assert_allclose(score, [1.0, -5.0])
+    # row 2: stopped → the PM's score (7−1)/2 = 3, at the last stop token (index 1)
+    np.testing.assert_allclose(rewards[2], [0.0, -0.1 + 3.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(score, [1.0, -5.0, 3.0])
 
 
 def test_token_kl_is_exact_and_sums_to_the_sequence_kl():

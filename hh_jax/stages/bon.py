@@ -16,7 +16,14 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from hh_jax import checkpoint, metrics, ppo, sharding
-from hh_jax.policy import encode_prompts, eval_setup, load_models, load_prompts, sample_and_score
+from hh_jax.policy import (
+    encode_prompts,
+    eval_setup,
+    load_models,
+    load_prompts,
+    sample_and_score,
+    stage_stops,
+)
 from hh_jax.sampling import SamplingConfig
 
 
@@ -57,16 +64,20 @@ def _samples(cfg, policy, pm, test_pm, tok, prompts, mesh):
         sample_cfg=SamplingConfig(max_new_tokens=cfg.response_len,
                                   temperature=cfg.temperature),
         tok=tok, temperature=cfg.temperature))
-    train, judge = [], []
+    stops = stage_stops(cfg, tok, policy.cfg.vocab_size, mesh)
+    train, judge, ends = [], [], np.zeros(2)
     for i in range(0, len(tokens), cfg.batch_size):  # the last chunk may recompile once
         out = jax.device_get(fn(policy.params, None, pm.params,
                                 None if test_pm is None else test_pm.params,
                                 tokens[i:i + cfg.batch_size], masks[i:i + cfg.batch_size],
-                                jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i)))
+                                jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i), stops))
         train.append(out["score_B"])
         judge.append(out.get("test_score_B", out["score_B"]))
+        ends += out["ended_B"].sum(), out["stopped_B"].sum()
     shape = (len(prompts), n_max)
-    return np.concatenate(train).reshape(shape), np.concatenate(judge).reshape(shape)
+    ended, stopped = (float(x) / len(tokens) for x in ends)
+    return (np.concatenate(train).reshape(shape), np.concatenate(judge).reshape(shape),
+            {"ended": ended, "stopped": stopped})
 
 
 def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
@@ -76,7 +87,7 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     policy, pm, test_pm, tok = load_models(cfg, mesh)
     prompts = load_prompts(cfg.data, "heldout")[:cfg.eval_prompts]
     with sharding.activate(mesh):
-        train_PxN, judge_PxN = _samples(cfg, policy, pm, test_pm, tok, prompts, mesh)
+        train_PxN, judge_PxN, ends = _samples(cfg, policy, pm, test_pm, tok, prompts, mesh)
     key = "eval/test_score" if test_pm is not None else "eval/score"
     ppo_evals, skipped = [], None
     if cfg.ppo_dir and checkpoint.is_complete(cfg.ppo_dir):
@@ -97,7 +108,7 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
               + (f"  PPO at same KL {row['ppo_test_score_at_same_kl']:+.3f}"
                  if row["ppo_test_score_at_same_kl"] is not None else ""), flush=True)
     plot(rows, ppo_evals, key, os.path.join(stage_dir, "bon.png"))
-    summary = {"rows": rows, "prompts": len(prompts), "judge": key}
+    summary = {"rows": rows, "prompts": len(prompts), "judge": key, "samples": ends}
     if skipped:
         summary["ppo_comparison_skipped"] = skipped
     metrics.write_summary(stage_dir, summary)

@@ -28,6 +28,7 @@ from hh_jax.policy import (
     load_models,
     load_prompts,
     sample_and_score,
+    stage_stops,
 )
 
 
@@ -66,7 +67,8 @@ def write_samples(path: str, tok, prompts: list[str], out: dict) -> None:
             n = int(out["lengths_B"][i])
             row = {"prompt": p, "response": tok.decode(out["tokens_BxR"][i][:n]),
                    "score": float(out["score_B"][i]), "kl": float(out["kl_B"][i]),
-                   "kl_sample": float(out["kl_sample_B"][i])}
+                   "kl_sample": float(out["kl_sample_B"][i]),
+                   "ended": bool(out["ended_B"][i]), "stopped": bool(out["stopped_B"][i])}
             if "test_score_B" in out:
                 row["test_score"] = float(out["test_score_B"][i])
             f.write(json.dumps(row) + "\n")
@@ -94,11 +96,12 @@ def iteration_fns(pcfg: ppo.PPOConfig, *, policy_model: Transformer, value_model
 
 
 def run_iteration(fns: dict, st: ppo.PPOState, ref_params, pm_params, prompts_BxQ, masks_BxQ,
-                  rng, kl_coef: float, mark=None) -> tuple[ppo.PPOState, dict]:
+                  rng, kl_coef: float, mark=None, stops=None) -> tuple[ppo.PPOState, dict]:
     """rollout → PM score → advantages → update; dispatched without a host sync. `mark`,
-    when given, is called as mark(phase, outputs) after each phase (timing splits)."""
+    when given, is called as mark(phase, outputs) after each phase (timing splits);
+    `stops`: the stop strings' table (`policy.stage_stops`), or None."""
     roll = fns["rollout"](st.policy.params, ref_params, st.value.params, prompts_BxQ, masks_BxQ,
-                          rng)
+                          rng, stops)
     if mark is not None:
         mark("rollout", roll)
     score = fns["score"](pm_params, roll)
@@ -148,13 +151,15 @@ def _prompt_batch(n: int, batch: int, seed: int, it: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)[i * batch:(i + 1) * batch]
 
 
-def _evaluate(fns, st, ref_params, pm, test_pm, ev_tokens, ev_masks, cfg, it) -> tuple[dict, dict]:
+def _evaluate(fns, st, ref_params, pm, test_pm, ev_tokens, ev_masks, cfg, it,
+              stops) -> tuple[dict, dict]:
     out = jax.device_get(fns["evaluate"](
         st.policy.params, ref_params, pm.params, None if test_pm is None else test_pm.params,
-        ev_tokens, ev_masks, jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), 0)))
+        ev_tokens, ev_masks, jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), 0), stops))
     m = {"iteration": it, "eval/score": float(out["score_B"].mean()),
          "eval/kl": float(out["kl_B"].mean()), "eval/kl_sample": float(out["kl_sample_B"].mean()),
-         "eval/length": float(out["lengths_B"].mean())}
+         "eval/length": float(out["lengths_B"].mean()),
+         "eval/ended": float(out["ended_B"].mean()), "eval/stopped": float(out["stopped_B"].mean())}
     if "test_score_B" in out:
         m["eval/test_score"] = float(out["test_score_B"].mean())
     return m, out
@@ -171,6 +176,7 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     ev_prompts = load_prompts(cfg.data, "heldout")[:cfg.eval_prompts]
     q = cfg.prompt_len
     ev_tokens, ev_masks = encode_prompts(tok, ev_prompts, q)
+    stops = stage_stops(cfg, tok, policy.cfg.vocab_size, mesh)
     pcfg = ppo_config(cfg, pm)
     policy_opt, value_opt = optimizers(cfg)
     pol, _ = train_state(jax.tree_util.tree_map(jnp.copy, policy.params), policy_opt, mesh)
@@ -206,7 +212,8 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     try:
         with sharding.activate(mesh):
             if start == 0:
-                m, out = _evaluate(fns, st, policy.params, pm, test_pm, ev_tokens, ev_masks, cfg, 0)
+                m, out = _evaluate(fns, st, policy.params, pm, test_pm, ev_tokens, ev_masks, cfg, 0,
+                                   stops)
                 evals.append(m)
                 write_samples(os.path.join(stage_dir, "samples_0.jsonl"), tok, ev_prompts, out)
             for it in range(start, cfg.iterations):
@@ -216,7 +223,7 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
                 marks[:] = [time.time()]
                 st, m = run_iteration(fns, st, policy.params, pm.params, tokens, masks,
                                       jax.random.fold_in(jax.random.PRNGKey(cfg.seed), it),
-                                      kl.value, mark if split else None)
+                                      kl.value, mark if split else None, stops)
                 m = metrics.to_python(m)
                 m["time/iteration"] = time.time() - marks[0]
                 timing["iteration"] += m["time/iteration"]
@@ -235,7 +242,7 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
                           f"({m['time/iteration']:.2f}s)", flush=True)
                 if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
                     em, out = _evaluate(fns, st, policy.params, pm, test_pm, ev_tokens, ev_masks,
-                                        cfg, it + 1)
+                                        cfg, it + 1, stops)
                     evals.append(em)
                     writer.write(it + 1, em)
                     write_samples(os.path.join(stage_dir, f"samples_{it + 1}.jsonl"), tok,
