@@ -80,27 +80,28 @@ def _tiny(c: ConfigDict) -> None:
     _cpu(c)
     c.pm_test.stage = "pm"  # every layer finetuned: the gpu variant's code path
     for s in (c.pm, c.pm_test):
-        s.frozen_layers, s.max_len, s.epochs, s.batch_size = 29, 64, 1, 4
-        s.data.fraction, s.eval.max_pairs, s.log_every, s.ckpt_every = 0.002, 8, 1, 2
+        # batches of 8: the test suite's 8 fake devices split them
+        s.frozen_layers, s.max_len, s.epochs, s.batch_size = 29, 64, 1, 8
+        s.data.fraction, s.eval.max_pairs, s.log_every, s.ckpt_every = 0.003, 8, 1, 2
         s.eval_batch_size, s.buckets = 8, (128,)
     c.pm.probe_layers = (15, 30)
-    c.bon.ns, c.bon.eval_prompts, c.bon.prompt_len, c.bon.response_len = (1, 2), 2, 32, 4
-    c.bon.batch_size = 4
-    c.ppo.iterations, c.ppo.batch_size, c.ppo.eval_prompts = 2, 2, 2
+    c.bon.ns, c.bon.eval_prompts, c.bon.prompt_len, c.bon.response_len = (1, 2), 4, 32, 4
+    c.bon.batch_size = 8
+    c.ppo.iterations, c.ppo.batch_size, c.ppo.eval_prompts = 2, 8, 8
     c.ppo.prompt_len, c.ppo.response_len, c.ppo.eval_every, c.ppo.ckpt_every = 32, 4, 1, 1
 
 
-def get_config(arg: str = "cpu") -> ConfigDict:
+def get_config(arg: str = "") -> ConfigDict:
     c = ConfigDict()
     c.stages = ("base", "pm", "pm_test", "ppo", "bon")
     c.base = ConfigDict(dict(stage="base", model=MODEL))
-    variants = {"cpu": _cpu, "gpu": _gpu, "tiny": _tiny}
+    variants = {"": _cpu, "cpu": _cpu, "gpu": _gpu, "tiny": _tiny}  # "" (the default): cpu
     if arg not in variants:
         raise ValueError(f"unknown arg {arg!r}: expected one of {sorted(variants)}")
     variants[arg](c)
     return c
 
 
-def sweep(add, arg: str = "cpu"):
+def sweep(add, arg: str = ""):
     for lr_ratio in (0.01, 0.03, 0.1):
         add(**{"pm.lr_ratio": lr_ratio, "stages": ("base", "pm")})
