@@ -57,7 +57,8 @@ def test_cached_top_scores_equal_the_full_pm(tmp_path, n_frozen):
     batch = next(iter(loaders.pm_dataset(comps, tok, max_len=96, global_batch=len(comps),
                                          seed=0, shuffle=False, layout="shared")))
     batch = {k: v for k, v in batch.items() if v.dtype != object}
-    ref_c, ref_r, _, _ = jit(lambda q, b: reward.pair_scores(q, b, model=Transformer(CFG)))(p, batch)
+    full = jit(lambda q, b: reward.pair_scores(q, b, model=Transformer(CFG)))
+    ref_c, ref_r, _, _ = full(p, batch)
     np.testing.assert_allclose(rc, np.asarray(ref_c)[::-1], atol=2e-5)
     np.testing.assert_allclose(rr, np.asarray(ref_r)[::-1], atol=2e-5)
 
