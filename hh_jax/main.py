@@ -37,12 +37,17 @@ def _sample(args, _) -> int:
 
 
 def _eval(args, _) -> int:
+    if args.what != "pm":  # hhh, mc, ood, elo: hh_jax/evals/cli.py
+        from hh_jax.evals import cli
+
+        cli.run(args)
+        return 0
     from hh_jax.evals import pm_accuracy
 
-    if args.what != "pm":
-        raise SystemExit(f"hh-jax eval: unknown target {args.what!r} (expected: pm)")
-    pm_accuracy.eval_export(args.params, args.data, args.out, skip_invalid=args.skip_invalid,
-                   batch_size=args.batch_size)
+    if not (args.params and args.data):
+        raise SystemExit("hh-jax eval pm: needs --params and --data")
+    pm_accuracy.eval_export(args.params, args.data, args.out or "pm_eval",
+                            skip_invalid=args.skip_invalid, batch_size=args.batch_size or 32)
     return 0
 
 
@@ -93,13 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     smp.add_argument("--raw", action="store_true",
                      help="feed the prompt as is (default: as one Human turn of a dialogue)")
     smp.set_defaults(fn=_sample)
-    ev = sub.add_parser("eval", help="eval pm --params DIR --data FILE...: PM accuracy")
-    ev.add_argument("what", choices=["pm"])
-    ev.add_argument("--params", required=True, help="a pm/pmp stage's params export")
-    ev.add_argument("--data", required=True, nargs="+", help="HH-format jsonl(.gz) files")
-    ev.add_argument("--out", default="pm_eval", help="where summary.json and the plot go")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--skip-invalid", action="store_true", help="count bad rows, go on")
+    from hh_jax.evals import cli as eval_cli  # options only: no JAX imported here
+
+    ev = sub.add_parser("eval", help="eval {pm,hhh,mc,ood,elo}: PM accuracy, HHH, multiple "
+                        "choice, OOD detection, Elo (each writes OUT/summary.json + plots)")
+    ev.add_argument("what", choices=["pm", *eval_cli.WHAT])
+    ev.add_argument("--params", help="pm: a pm/pmp stage's params export")
+    ev.add_argument("--data", nargs="+", help="pm: HH-format jsonl(.gz) files")
+    ev.add_argument("--out", help="where summary.json and the plots go (default: "
+                    "pm_eval for pm, eval_<what> otherwise)")
+    ev.add_argument("--batch-size", type=int, help="rows per batch (pm: 32, others: 8)")
+    ev.add_argument("--skip-invalid", action="store_true", help="pm: count bad rows, go on")
+    eval_cli.add_arguments(ev)
     ev.set_defaults(fn=_eval)
     rep = sub.add_parser("report", help="report WORKDIR: report.html + report.md of a run/sweep")
     rep.add_argument("workdir")

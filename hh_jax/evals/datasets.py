@@ -26,12 +26,8 @@ import re
 
 import numpy as np
 
-try:  # the data layer is moving into a package (hh_jax/data/)
-    from hh_jax.data.jsonl_reader import DataError, read_lines
-except ImportError:  # pragma: no cover - the flat layout
-    from hh_jax.jsonl_reader import DataError, read_lines
-
 from hh_jax import chat
+from hh_jax.data.jsonl_reader import DataError, read_lines
 
 Turn = tuple[str, str]
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(

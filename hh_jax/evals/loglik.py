@@ -227,9 +227,6 @@ def load_model(spec: str):
         from hh_jax import generate
 
         return generate.load_export_with_format(spec)
-    try:
-        from hh_jax.pretrained import convert
-    except ImportError:  # the flat layout
-        from hh_jax import convert
+    from hh_jax.pretrained import convert
     cfg, params, tok = convert.load_pretrained(spec)
     return Transformer(cfg), params, tok, chat.format_for(tok)
