@@ -126,3 +126,13 @@ def test_pm_judge_matches_full_forward_and_hhh_correctness(tmp_path):
     correct, s = hhh.pm_correct(judge, items)
     assert s.shape == (2, 2) and correct[0] == correct[1]  # same pair, order swapped
     assert jax.numpy.isfinite(s).all()
+
+
+def test_mc1_scores_read_from_mc2():
+    mc1, mc2 = datasets.load_truthfulqa()
+    assert all(mc1[k].turns == mc2[k].turns and set(mc1[k].choices) <= set(mc2[k].choices)
+               for k in range(len(mc1)))
+    a = datasets.MCItem("t", (), ("b", "x"), (1, 0), "f:1")
+    b = datasets.MCItem("t", (), ("a", "b", "x"), (1, 1, 0), "f:1")
+    got = mc.choice_subset(a, b, {"sum": np.array([-1.0, -2.0, -3.0])})
+    np.testing.assert_allclose(got["sum"], [-2.0, -3.0])

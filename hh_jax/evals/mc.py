@@ -36,6 +36,13 @@ def mc2_score(labels: Sequence[int], loglik_C: np.ndarray) -> float:
     return float(p[np.asarray(labels, bool)].sum() / p.sum())
 
 
+def choice_subset(item, scored_item, scores: dict) -> dict:
+    """`scores` of `scored_item`'s choices, read for `item`'s choices (all among them): a
+    choice's log-likelihood depends on its context and text only."""
+    idx = [scored_item.choices.index(c) for c in item.choices]
+    return {k: np.asarray(v)[idx] for k, v in scores.items()}
+
+
 def truthfulqa_metrics(mc1_items, mc1_scores, mc2_items, mc2_scores) -> dict:
     out = {}
     for norm in NORMS:
@@ -168,8 +175,10 @@ def run(model_spec: str, out_dir: str, *, tasks=("truthfulqa", "bbq", "gender"),
             os.path.join(datasets.path_of("truthfulqa", data_dir), "TruthfulQA.csv"))
         keep = common.subsample(list(range(len(mc1))), limit, seed)
         mc1, mc2 = [mc1[i] for i in keep], [mc2[i] for i in keep]
-        summary["truthfulqa"] = truthfulqa_metrics(mc1, score_items(scorer, tok, fmt, mc1),
-                                                   mc2, score_items(scorer, tok, fmt, mc2))
+        mc2_scores = score_items(scorer, tok, fmt, mc2)  # MC1's choices are among MC2's
+        mc1_scores = [choice_subset(a, b, sc) for a, b, sc in zip(mc1, mc2, mc2_scores,
+                                                                   strict=True)]
+        summary["truthfulqa"] = truthfulqa_metrics(mc1, mc1_scores, mc2, mc2_scores)
     if "bbq" in tasks:
         items = common.subsample(datasets.load_bbq(data_dir), limit, seed)
         summary["bbq"] = bbq_metrics(items, score_items(scorer, tok, fmt, items))
