@@ -39,17 +39,19 @@ def mask_for(positions_BxL: Array, valid_BxL: Array, branch_BxL: Array | None = 
 
 
 def run_layers(cfg: ModelConfig, stacked, x_BxLxD: Array, positions_BxL: Array,
-               mask_Bx1xLxL: Array, read_index_BxQ: Array | None = None
-               ) -> tuple[Array, Array | None]:
-    """Applies every layer of `stacked` in order: (x after the last one, the residual
-    stream after each layer at `read_index_BxQ` as reads_NxBxQxD, or None)."""
+               mask_Bx1xLxL: Array, read_index_BxQ: Array | None = None, read=None):
+    """Applies every layer of `stacked` in order: (x after the last one, what was read
+    after each layer, stacked on a leading layer axis, or None). `read_index_BxQ` reads the
+    residual stream at those positions (reads_NxBxQxD); `read(x_BxLxD) -> pytree` reads
+    anything else (e.g. pools over real tokens)."""
     block = Block(cfg)
+    if read is None and read_index_BxQ is not None:
+        def read(x):
+            return jnp.take_along_axis(x, read_index_BxQ[:, :, None], axis=1)
 
     def body(x, layer_params):
         x, _ = block.apply({"params": layer_params}, x, positions_BxL, mask_Bx1xLxL, None)
-        if read_index_BxQ is None:
-            return x, None
-        return x, jnp.take_along_axis(x, read_index_BxQ[:, :, None], axis=1)
+        return x, None if read is None else read(x)
 
     return jax.lax.scan(body, x_BxLxD, stacked)
 

@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hh_jax import chat
+from hh_jax import chat, trunk
 from hh_jax.evals import common, datasets, loglik, stats
-from hh_jax.model import Block, _embed, attention_mask
 
 POOLS = ("last", "mean")
 SCORES = ("mahalanobis", "relative_mahalanobis", "outlier_exposure")
@@ -42,21 +41,19 @@ SCORES = ("mahalanobis", "relative_mahalanobis", "outlier_exposure")
 def residual_stream(params, tokens_BxL, mask_BxL, *, cfg) -> dict[str, jax.Array]:
     """{"last": x_NxBxD, "mean": x_NxBxD}: the residual stream after each of the N blocks
     (before the final norm), at the last real token and averaged over the real tokens."""
-    p = nn.unbox(params["params"])
+    p = nn.unbox(params)
     positions_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0)
-    mask = attention_mask(jnp.arange(tokens_BxL.shape[1]), mask_BxL)
-    x_BxLxD = _embed(cfg).apply({"params": p["embed"]}, tokens_BxL)
     last_B = jnp.maximum(mask_BxL.sum(1) - 1, 0)
     w_BxL = mask_BxL / jnp.maximum(mask_BxL.sum(1, keepdims=True), 1)
 
-    def layer(x_BxLxD, layer_params):
-        y_BxLxD, _ = Block(cfg).apply({"params": layer_params}, x_BxLxD, positions_BxL, mask,
-                                      None)
+    def pools(y_BxLxD):
         y32 = y_BxLxD.astype(jnp.float32)
         last = jnp.take_along_axis(y32, last_B[:, None, None], axis=1)[:, 0]
-        return y_BxLxD, (last, jnp.einsum("bl,bld->bd", w_BxL, y32))
+        return last, jnp.einsum("bl,bld->bd", w_BxL, y32)
 
-    _, (last_NxBxD, mean_NxBxD) = jax.lax.scan(layer, x_BxLxD, p["layers"])
+    _, (last_NxBxD, mean_NxBxD) = trunk.run_layers(
+        cfg, p["params"]["layers"], trunk.embed(cfg, p, tokens_BxL), positions_BxL,
+        trunk.mask_for(positions_BxL, mask_BxL), read=pools)
     return {"last": last_NxBxD, "mean": mean_NxBxD}
 
 

@@ -7,26 +7,16 @@ in the raw HH format it was trained on (PAPER.md §3; data loaders: context + re
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from hh_jax import chat, checkpoint
-from hh_jax.model import ModelConfig, ScalarHead, Transformer
+from hh_jax import chat, checkpoint, reward
+from hh_jax.model import ModelConfig, Transformer
 from hh_jax.tokenizer import load_tokenizer
-
-
-def _scores(params, tokens_BxL, len_B, *, model: Transformer, use_bias: bool):
-    mask_BxL = jnp.arange(tokens_BxL.shape[1])[None, :] < len_B[:, None]
-    out = model.apply(params["backbone"], tokens_BxL, mask_BxL=mask_BxL, with_logits=False,
-                      read_index_BxQ=jnp.maximum(len_B - 1, 0)[:, None])
-    head = ScalarHead(model.cfg.d_model, use_bias=use_bias)
-    return head.apply(params["head"], out["hidden_BxQxD"][:, 0])
 
 
 class PMJudge:
@@ -41,10 +31,9 @@ class PMJudge:
         self.tok = load_tokenizer(checkpoint.tokenizer_spec(params_dir))
         self.params = checkpoint.import_params(params_dir)
         self.max_len = min(max_len or meta.get("max_len", 512), self.cfg.max_len)
-        use_bias = "bias" in self.params["head"]["params"]
         self.batch_size, self.progress = batch_size, progress
-        self._fn = jax.jit(functools.partial(_scores, model=Transformer(self.cfg),
-                                             use_bias=use_bias))
+        model = Transformer(self.cfg)
+        self._fn = jax.jit(lambda p, t, n: reward.pm_scores(p, t, n, model=model)[0])
 
     def tokens(self, text: str) -> list[int]:
         return (self.tok.encode(text) + [self.tok.eoc_id])[-self.max_len:]
@@ -58,7 +47,7 @@ class PMJudge:
             idx = order[s:s + b]
             length = max(32, 1 << (max(len(rows[i]) for i in idx) - 1).bit_length())
             toks = np.zeros((b, min(length, self.max_len)), np.int32)
-            lens = np.zeros(b, np.int32)
+            lens = np.ones(b, np.int32)  # padding rows read their first token
             for k, i in enumerate(idx):
                 toks[k, :len(rows[i])], lens[k] = rows[i], len(rows[i])
             out[idx] = np.asarray(self._fn(self.params, toks, lens))[:len(idx)]
