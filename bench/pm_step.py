@@ -33,7 +33,7 @@ from reference import ref_hidden, ref_init  # noqa: E402
 
 from hh_jax import reward, sharding, state  # noqa: E402
 from hh_jax.data import hh, loaders
-from hh_jax.model import SIZES, ScalarHead, Transformer  # noqa: E402
+from hh_jax.model import SIZES, Transformer  # noqa: E402
 from hh_jax.stages import pm
 from hh_jax.tokenizer import SentencePieceTokenizer  # noqa: E402
 
@@ -95,10 +95,9 @@ def run(fn, bs):
 
 
 def our_step(cfg, mesh):
-    model, head = Transformer(cfg), ScalarHead(cfg.d_model, use_bias=False)
+    model = Transformer(cfg)
     opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
-    boxed = lambda: {"backbone": model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)),  # noqa
-                     "head": head.init(jax.random.key(1), jnp.zeros((2, cfg.d_model)))}
+    boxed = reward.pm_init(model)
     abstract, p_sh = state.param_shardings(boxed, mesh)
     st_sh = state.state_shardings(p_sh, opt, abstract, mesh)
     holder = {"st": state.init_state(state.init_params(boxed, mesh)[0], opt, st_sh)}

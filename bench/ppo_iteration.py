@@ -35,7 +35,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hh_jax import ppo, sampling, sharding, state  # noqa: E402
+from hh_jax import ppo, reward, sampling, sharding, state  # noqa: E402
 from hh_jax.model import SIZES, ScalarHead, Transformer  # noqa: E402
 from hh_jax.stages import ppo as ppo_stage
 
@@ -73,13 +73,11 @@ def main():
     mesh = sharding.make_mesh((-1, 1, 1))
     model = Transformer(cfg)
     dummy = jnp.zeros((2, 8), jnp.int32)
-    lm_params, _ = state.init_params(lambda: model.init(jax.random.key(0), dummy), mesh)
+    lm_params, _ = state.init_params(state.lm_init(model), mesh)
     boxed_v = lambda: {"backbone": model.init(jax.random.key(1), dummy),  # noqa: E731
                        "head": ScalarHead(cfg.d_model).init(jax.random.key(2),
                                                             jnp.zeros((2, cfg.d_model)))}
-    boxed_pm = lambda: {"backbone": model.init(jax.random.key(3), dummy),  # noqa: E731
-                        "head": ScalarHead(cfg.d_model, use_bias=False).init(
-                            jax.random.key(4), jnp.zeros((2, cfg.d_model)))}
+    boxed_pm = reward.pm_init(model, seed=3)
     v_params, _ = state.init_params(boxed_v, mesh)
     pm_params, _ = state.init_params(boxed_pm, mesh)
     opt = optax.adam(1e-5)

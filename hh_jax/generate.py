@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 
 from hh_jax import chat, checkpoint, sampling
-from hh_jax.model import ModelConfig, Transformer
+from hh_jax.model import Transformer
+from hh_jax.policy import Frozen
 from hh_jax.pretrained import convert
 from hh_jax.tokenizer import load_tokenizer
 
@@ -16,18 +16,11 @@ from hh_jax.tokenizer import load_tokenizer
 def load_export_with_format(path: str):
     """(model, params, tokenizer, ChatFormat); the format is meta["chat_format"], else the
     tokenizer's own (ChatML for a ChatML checkpoint), else "hh"."""
-    meta = checkpoint.read_meta(path)
-    cfg = ModelConfig(**meta["model"])
-    tok_spec = meta["tokenizer"]
-    local = os.path.join(os.path.abspath(path), tok_spec)
-    if tok_spec.endswith((".model", ".json", ".gguf")) and not os.path.isabs(tok_spec) \
-            and os.path.exists(local):
-        tok_spec = local
-    tok = load_tokenizer(tok_spec)
-    fmt = (chat.ChatFormat.from_meta(meta["chat_format"]) if "chat_format" in meta
+    export = Frozen(path, None, None)  # unsharded, as saved
+    tok = load_tokenizer(checkpoint.tokenizer_spec(path))
+    fmt = (chat.ChatFormat.from_meta(export.meta["chat_format"]) if "chat_format" in export.meta
            else chat.format_for(tok))
-    params = checkpoint.import_params(path)
-    return Transformer(cfg), params, tok, fmt
+    return export.model, export.params, tok, fmt
 
 
 def load_pretrained_model(name_or_path: str):

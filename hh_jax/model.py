@@ -273,7 +273,8 @@ class Transformer(nn.Module):
     to), `segment_ids_BxL` optionally keeps packed documents apart, `branch_ids_BxL` (1 =
     shared prefix, 2, 3, … = branches that see the prefix but not each other) lets a PM
     score two responses after one copy of their context. With a cache (decoding): the
-    chunk is written at `cache["index"]` and attends to slots where `kv_valid_BxS`.
+    chunk is written at `cache["index"]` and attends to slots where `kv_valid_BxS` (with
+    `segment_ids_BxL`: each packed document sees the cached prefix and itself only).
     """
 
     cfg: ModelConfig
@@ -284,15 +285,18 @@ class Transformer(nn.Module):
                  read_index_BxQ=None):
         cfg = self.cfg
         b, length = tokens_BxL.shape
-        if mask_BxL is None:
-            mask_BxL = jnp.ones((b, length), bool)
+        mask_BxL = jnp.ones((b, length), bool) if mask_BxL is None else mask_BxL
         if positions_BxL is None:
             positions_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0)
         if cache is None:
             mask = attention_mask(jnp.arange(length), mask_BxL, segment_ids_BxL, segment_ids_BxL,
                                   branch_ids_BxL, branch_ids_BxL)
-        else:
-            mask = attention_mask(cache["index"] + jnp.arange(length), kv_valid_BxS)
+        else:  # segments see the cached prefix (branch 1) and themselves (branch id + 1)
+            q_b = None if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32) + 1
+            kv_b = None if q_b is None else jax.lax.dynamic_update_slice(
+                jnp.ones(kv_valid_BxS.shape, jnp.int32), q_b, (0, cache["index"]))
+            mask = attention_mask(cache["index"] + jnp.arange(length), kv_valid_BxS,
+                                  q_branch_BxL=q_b, kv_branch_BxS=kv_b)
         embed = _embed(cfg, name="embed")
         x_BxLxD = embed(tokens_BxL)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
@@ -394,7 +398,3 @@ class ScalarHead(nn.Module):
 def gather_at(x_BxLx_: Array, index_B: Array) -> Array:
     """x[b, index_B[b]] for every row (the hidden state at the end-of-context token)."""
     return jnp.take_along_axis(x_BxLx_, index_B[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-
-
-def count_params(params: Any) -> int:
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

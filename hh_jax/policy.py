@@ -1,7 +1,7 @@
-"""What the RL stages share: held-out prompts, frozen params exports (policy, PMs), sampling
-and scoring responses with the train and test PMs, and the evaluation setup a held-out
-score depends on. PPO (stages/ppo.py) and best-of-n (stages/bon.py) both use it, so
-neither stage imports the other.
+"""What the RL stages share: held-out prompts, sampling and scoring responses with the
+train and test PMs, and the evaluation setup a held-out score depends on. PPO
+(stages/ppo.py) and best-of-n (stages/bon.py) both use it, so neither stage imports the
+other. `Frozen` is the one loader of params exports (policies, PMs, teachers, judges).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, ppo, sampling, sharding, state
+from hh_jax import checkpoint, ppo, reward, sampling, sharding, state
 from hh_jax.data import hh
-from hh_jax.model import ModelConfig, ScalarHead, Transformer
+from hh_jax.model import ModelConfig, Transformer
 from hh_jax.tokenizer import load_tokenizer
 
 
@@ -34,19 +34,24 @@ def encode_prompts(tok, prompts: list[str], q: int):
 
 
 class Frozen:
-    """A params export loaded once, sharded, for use as a frozen jit argument."""
+    """A params export loaded once, for use as a frozen jit argument: `meta` (meta.json),
+    `cfg` (its ModelConfig with `overrides` applied: compute-only fields such as dtype),
+    `model`, `params` and their `shardings`.
 
-    def __init__(self, path: str, mesh, head: str | None):
+    `head`: None for an LM export, "pm" for a PM export ({"backbone", "head"},
+    `reward.pm_init`). With a `mesh` the params land sharded by their logical axes;
+    without one they load as saved (`shardings` None)."""
+
+    def __init__(self, path: str, mesh, head: str | None, overrides: dict | None = None):
+        if head not in (None, "pm"):
+            raise ValueError(f"head must be None (an LM export) or 'pm', got {head!r}")
         self.meta = checkpoint.read_meta(path)
-        self.cfg = ModelConfig(**self.meta["model"])
+        self.cfg = ModelConfig(**self.meta["model"]).replace(**(overrides or {}))
         self.model = Transformer(self.cfg)
-        dummy = jnp.zeros((2, 8), jnp.int32)
-        if head is None:
-            boxed = lambda: self.model.init(jax.random.key(0), dummy)  # noqa: E731
-        else:
-            h = ScalarHead(self.cfg.d_model, use_bias=False)
-            boxed = lambda: {"backbone": self.model.init(jax.random.key(0), dummy),  # noqa
-                             "head": h.init(jax.random.key(0), jnp.zeros((2, self.cfg.d_model)))}
+        if mesh is None:
+            self.params, self.shardings = checkpoint.import_params(path), None
+            return
+        boxed = state.lm_init(self.model) if head is None else reward.pm_init(self.model)
         abstract, self.shardings = state.param_shardings(boxed, mesh)
         self.params = checkpoint.import_params(
             path, checkpoint.abstract_with_shardings(abstract, self.shardings))

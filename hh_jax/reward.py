@@ -3,8 +3,8 @@ best-of-n and the evaluations.
 
 PM = Transformer backbone + ScalarHead read at the end-of-context token (the last real
 token of `context + response + EOC`). Params: {"backbone": <LM params>, "head": ...}.
-`pair_scores` scores a batch of the loaders' pairs in either layout, `bradley_terry` is the
-loss, `score_pairs` scores a list of comparisons on a mesh.
+`pm_init` builds the tree, `pair_scores` scores a batch of the loaders' pairs in either
+layout, `bradley_terry` is the loss, `score_pairs` scores a list of comparisons on a mesh.
 """
 
 from __future__ import annotations
@@ -14,9 +14,24 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from hh_jax import sharding
+from hh_jax import sharding, state
 from hh_jax.data import loaders
 from hh_jax.model import ScalarHead, Transformer, gather_at
+
+
+def head_init(d_model: int, seed: int = 0):
+    """The boxed init of the PM's head: a ScalarHead without bias (the BT loss is blind to
+    a bias), keyed by `seed`."""
+    return lambda: ScalarHead(d_model, use_bias=False).init(jax.random.key(seed),
+                                                            jnp.zeros((2, d_model)))
+
+
+def pm_init(model: Transformer, seed: int = 0):
+    """The boxed init of a PM, {"backbone": the LM's params (key `seed`), "head":
+    `head_init` (key seed + 1)}: the one builder of the PM tree, for its abstract form and
+    shardings (`state.param_shardings`: loading an export, resuming) and a fresh PM."""
+    backbone, head = state.lm_init(model, seed), head_init(model.cfg.d_model, seed + 1)
+    return lambda: {"backbone": backbone(), "head": head()}
 
 
 def pm_scores(params, tokens_BxL, len_B, *, model: Transformer, with_logits: bool = False):

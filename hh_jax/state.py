@@ -26,6 +26,12 @@ class TrainState:
     opt_state: Any
 
 
+def lm_init(model, seed: int = 0) -> Callable[[], Any]:
+    """The boxed init of a Transformer's params (logical axis names kept), keyed by `seed`:
+    what `param_shardings` and `init_params` take. reward.pm_init builds the PM's."""
+    return lambda: model.init(jax.random.key(seed), jnp.zeros((2, 8), jnp.int32))
+
+
 def param_shardings(boxed_init: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
     """(abstract unboxed params, their NamedShardings) from a boxed init function."""
     abstract_boxed = jax.eval_shape(boxed_init)

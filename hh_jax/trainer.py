@@ -47,39 +47,66 @@ def resume_or_init(cfg: ConfigDict, stage_dir: str, boxed_init: Callable[[], Any
     return state.init_state(params, optimizer, st_sh), st_sh, ckpts, None, how
 
 
+def restore_latest(ckpts: checkpoint.StageCheckpoints, like):
+    """(state, data state) of the stage's latest checkpoint, restored with the structure and
+    shardings of `like`; (like, None) when there is none yet."""
+    if ckpts.latest_step() is None:
+        return like, None
+    target = checkpoint.abstract_with_shardings(
+        jax.eval_shape(lambda: like), jax.tree_util.tree_map(lambda x: x.sharding, like))
+    return ckpts.restore(target)
+
+
 def train_loop(stage: str, cfg: ConfigDict, st, step_fn, next_batch: Callable[[int], dict],
                data_state: Callable[[int], dict], ckpts, writer: metrics.MetricsWriter, mesh,
                total_steps: int, evaluate: Callable[[Any, int], dict] | None = None,
-               real_tokens: Callable[[dict], float] | None = None):
-    """Runs steps st.step..total_steps; checks finiteness before any save or log."""
-    pending, t0, tokens = [], time.time(), 0.0
-    for step in range(int(st.step), total_steps):
+               real_tokens: Callable[[dict], float] | None = None, *, start: int | None = None,
+               every_step: bool = False, describe: Callable[[dict], str] | None = None):
+    """Runs steps start..total_steps (start: `st.step` unless given).
+
+    Every `cfg.log_every` steps (and at each save) the pending metrics are checked for
+    NaN/Inf before anything is written or saved, the last row is written with throughput
+    and printed (`describe(row)`, by default the loss and the throughput);
+    `every_step=True` writes every step's row (a stage whose steps sync the host anyway).
+    `evaluate(st, step)` runs every `cfg.eval_every` steps but the last (stages evaluate
+    their final state themselves); its metrics are written. Checkpoints every
+    `cfg.ckpt_every` steps and at the end hold the state and `data_state(step)`."""
+    pending, t0, tokens, n = [], time.time(), 0.0, 0
+    for step in range(int(st.step) if start is None else start, total_steps):
         host_batch = next_batch(step)
         if real_tokens is not None:
             tokens += real_tokens(host_batch)
         st, m = step_fn(st, sharding.put_batch(
             {k: v for k, v in host_batch.items() if v.dtype != object}, mesh))
-        pending.append((step + 1, m))
-        done = step + 1
-        if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or done == total_steps:
-            for s, mm in pending:  # NaN guard before anything is saved
+        done, n = step + 1, n + 1
+        pending.append((done, m))
+        log = done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or done == total_steps
+        if log or every_step:
+            for s, mm in pending:  # NaN guard before anything is written or saved
                 metrics.check_finite(mm, s, stage)
-            last = metrics.to_python(pending[-1][1])
-            dt = time.time() - t0
-            if real_tokens is not None:
-                last["perf/real_tokens_per_s"] = tokens / dt
-            last["perf/steps_per_s"] = len(pending) / dt
-            writer.write(done, last)
-            print(f"[{stage}] step {done}/{total_steps} loss {last['train/loss']:.4f} "
-                  + (f"{tokens / dt:.0f} real tok/s" if real_tokens else
-                     f"{len(pending) / dt:.2f} steps/s"), flush=True)
-            pending, t0, tokens = [], time.time(), 0.0
+            row = metrics.to_python(pending[-1][1])
+            if log:
+                dt = time.time() - t0
+                if real_tokens is not None:
+                    row["perf/real_tokens_per_s"] = tokens / dt
+                row["perf/steps_per_s"] = n / dt
+                print(f"[{stage}] step {done}/{total_steps} " + (describe or _describe)(row),
+                      flush=True)
+                t0, tokens, n = time.time(), 0.0, 0
+            writer.write(done, row)
+            pending = []
         if evaluate is not None and done % cfg.eval_every == 0 and done != total_steps:
-            writer.write(done, evaluate(st.params, done))
+            writer.write(done, evaluate(st, done))
             t0 = time.time()  # eval time is not training throughput
         if done % cfg.ckpt_every == 0 or done == total_steps:
             ckpts.save(done, st, data_state(done))
     return st
+
+
+def _describe(row: dict) -> str:
+    speed = (f"{row['perf/real_tokens_per_s']:.0f} real tok/s" if "perf/real_tokens_per_s" in row
+             else f"{row['perf/steps_per_s']:.2f} steps/s")
+    return f"loss {row['train/loss']:.4f} {speed}"
 
 
 def jit_train_step(step_fn, st_sh, mesh):

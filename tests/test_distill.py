@@ -120,7 +120,7 @@ def test_train_step_lowers_the_loss_and_leaves_the_teacher_alone(tiny):
     cache = tiny["prefill"](p, tiny["prompt"])
     text = tiny["text"]
     batch = {"tokens_BxL": text, "mask_BxL": jnp.ones(text.shape, bool),
-             "weights_BxL": jnp.ones(text.shape)}
+             "kl_weights_BxL": jnp.ones(text.shape)}
     step = jax.jit(functools.partial(distill.train_step, model=model, optimizer=optimizer, k=50))
     teacher_before = jax.tree_util.tree_map(np.asarray, p)
     losses = []
@@ -131,6 +131,38 @@ def test_train_step_lowers_the_loss_and_leaves_the_teacher_alone(tiny):
     for a, b in zip(jax.tree_util.tree_leaves(teacher_before), jax.tree_util.tree_leaves(p),
                     strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_packed_rows_equal_each_document_alone(tiny):
+    """Two documents packed into one row (the loader's segments and positions): the
+    teacher reads each after the cached prompt, the student each from position 0, exactly
+    as if each were alone; padding changes nothing."""
+    from hh_jax.data import loaders
+    from hh_jax.tokenizer import ByteTokenizer
+
+    model, p, prompt = tiny["model"], tiny["params"], tiny["prompt"]
+    tok = ByteTokenizer()
+    docs = ["ab", "cdefg"]  # + EOS each: 3 + 6 tokens, one row of 12 with 3 padding
+    batch = next(iter(loaders.lm_dataset(docs, tok, seq_len=12, global_batch=1, seed=0,
+                                         num_epochs=1, process_index=0, process_count=1)))
+    x = distill.inputs(batch, tok.eos_id)
+    x["tokens_BxL"] = x["tokens_BxL"] % 64  # the tiny model's vocab
+    assert list(x["segment_ids_BxL"][0]) == [1] * 3 + [2] * 6 + [0] * 3
+    cache = jax.jit(functools.partial(distill.prefill_prompt, model=model, text_len=12))(
+        p, prompt)
+    packed_t = distill._teacher(p, x, cache, model)
+    packed_s = distill._student(p, x, model)
+    for seg in (1, 2):
+        cols = np.flatnonzero(x["segment_ids_BxL"][0] == seg)
+        alone = jnp.asarray(x["tokens_BxL"][:, cols])
+        t = distill.teacher_logits(p, alone, jax.jit(functools.partial(
+            distill.prefill_prompt, model=model, text_len=len(cols)))(p, prompt), model=model)
+        np.testing.assert_allclose(np.asarray(packed_t[:, cols]), np.asarray(t), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(packed_s[:, cols]),
+                                   np.asarray(tiny["student"](p, alone)), atol=1e-4)
+    # the KL counts every real token but EOS; the NLL the LM stage's targets
+    np.testing.assert_array_equal(x["kl_weights_BxL"][0], [1, 1, 0] + [1] * 5 + [0] * 4)
+    np.testing.assert_array_equal(x["weights_BxL"][0], [0, 1, 1, 0] + [1] * 5 + [0] * 3)
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -211,23 +243,28 @@ def test_nan_stops_the_stage_and_a_resumed_run_ends_bitwise_identical(tmp_path, 
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def test_evaluate_scores_every_held_out_window():
-    """10 windows in batches of 4: the last batch's 2 filler rows weigh nothing, so the
-    averages equal window-by-window sums (a per-window statistic reveals any drop or
-    double count)."""
+def test_evaluate_sums_exactly_over_batches():
+    """Averages over held-out batches are exact sums over every batch, not means of
+    per-batch means (a per-batch statistic reveals any drop or double count)."""
     from hh_jax import sharding
 
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    windows = np.arange(10 * 6, dtype=np.int32).reshape(10, 6)
+    rng = np.random.default_rng(0)
+    batches = [{"tokens_BxL": rng.integers(0, 9, (2, 6)).astype(np.int32),
+                "weights_BxL": (rng.random((2, 6)) < p).astype(np.float32),
+                "kl_weights_BxL": np.ones((2, 6), np.float32)} for p in (0.2, 0.9, 0.5)]
 
-    def fake_eval(params, batch):  # per-window sums that differ from window to window
+    def fake_eval(params, batch):  # sums that differ from batch to batch
         w, t = batch["weights_BxL"], batch["tokens_BxL"].astype(jnp.float32)
-        return {"kl": (w * t).sum(), "positions": w.sum(), "nll": (w * t * 0.01).sum(),
-                "tokens": w.sum(), "teacher_nll": (w * t * 0.02).sum()}
+        return {"kl": (batch["kl_weights_BxL"] * t).sum(),
+                "positions": batch["kl_weights_BxL"].sum(), "nll": (w * t).sum(),
+                "tokens": w.sum(), "teacher_nll": (w * t * 0.5).sum()}
 
-    got = distill.evaluate(jax.jit(fake_eval), None, windows, 4, mesh)
-    one_by_one = distill.evaluate(jax.jit(fake_eval), None, windows, 1, mesh)
-    assert got["eval/tokens"] == windows.size == one_by_one["eval/tokens"]
-    np.testing.assert_allclose(got["eval/distill_kl"], windows.mean(), rtol=1e-6)
-    for k, v in one_by_one.items():
-        np.testing.assert_allclose(got[k], v, rtol=1e-6, err_msg=k)
+    got = distill.evaluate(jax.jit(fake_eval), None, batches, mesh)
+    t = np.concatenate([b["tokens_BxL"] for b in batches]).astype(np.float64)
+    w = np.concatenate([b["weights_BxL"] for b in batches])
+    assert got["eval/tokens"] == w.sum()
+    np.testing.assert_allclose(got["eval/distill_kl"], t.mean(), rtol=1e-6)
+    np.testing.assert_allclose(got["eval/loss"], (w * t).sum() / w.sum(), rtol=1e-6)
+    np.testing.assert_allclose(got["eval/teacher_loss"], 0.5 * (w * t).sum() / w.sum(),
+                               rtol=1e-6)

@@ -92,7 +92,7 @@ def test_loss_never_crosses_a_document_boundary():
     texts = ["abc", "defg", "hi", "jklmnop", "q", "rstuv", "wx", "yz!"]
     for batch in loaders.lm_dataset(texts, ByteTokenizer(), seq_len=12, global_batch=2,
                                     seed=1, num_epochs=1, process_index=0, process_count=1):
-        b = lm.from_loader(batch)
+        b = loaders.lm_inputs(batch)
         seg, w = np.asarray(batch["segment_ids_BxL"]), np.asarray(b["weights_BxL"])
         assert (seg[:, 1:] != seg[:, :-1]).any()  # some row holds two documents
         for r in range(seg.shape[0]):

@@ -1,12 +1,11 @@
-"""Input pipelines: LM text (deterministic packed windows, and grain packing with
-segments) and PM pair batches (grain, bucketed).
+"""Input pipelines: LM text (grain packing with segments) and PM pair batches (grain,
+bucketed).
 
 The grain pipelines are `grain.IterDataset`s; `iter(ds)` gives a `grain.DatasetIterator`
 whose `get_state()` is a small JSON-able dict and `set_state(state)` resumes it exactly (the
 same batches the uninterrupted iterator would yield). To checkpoint it with the model
 through orbax, pass `grain.checkpoint.CheckpointSave(iterator)` /
 `grain.checkpoint.CheckpointRestore(iterator)` as one item of `ocp.args.Composite`.
-`PackedBatches` has no iterator state: batch t is a pure function of (windows, seed, t).
 
 Order is a pure function of (data, seed): every process shuffles the same global order
 and keeps elements `process_index::process_count`, so the union of the host-local batches
@@ -21,6 +20,7 @@ Legend: B = per-process batch (global_batch // process_count), L = sequence leng
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -99,6 +99,32 @@ def _lm_batch(rows: Sequence[dict]) -> dict:
             "positions_BxL": np.stack([r["positions"] for r in rows])}
 
 
+def heldout_batches(texts: Sequence[Any], tokenizer: Tokenizer, *, seq_len: int,
+                    global_batch: int, max_tokens: int) -> list[dict]:
+    """The first `lm_dataset` batches of `texts` (one pass, in the order of seed 0), about
+    `max_tokens` tokens and at least one batch: fixed, so every evaluation scores the same
+    text."""
+    ds = lm_dataset(texts, tokenizer, seq_len=seq_len, global_batch=global_batch, seed=0,
+                    num_epochs=1)
+    n = max(1, max_tokens // (seq_len * global_batch))
+    return list(itertools.islice(iter(ds), n))
+
+
+def lm_inputs(batch: dict) -> dict:
+    """An `lm_dataset` batch → a step's inputs: `tokens_BxL`, `mask_BxL` (bool: real
+    tokens), `segment_ids_BxL` and `positions_BxL` (attention stays inside a document,
+    positions restart in each) and `weights_BxL`, the next-token targets.
+
+    A document's first token is never a target: in a packed row it would be predicted from
+    the previous document's EOS, across the boundary attention respects (and at the start
+    of a row it has no predecessor anyway), so every scored token is predicted from its own
+    document."""
+    return {"tokens_BxL": batch["tokens_BxL"],
+            "weights_BxL": batch["mask_BxL"] * (batch["positions_BxL"] > 0),
+            "mask_BxL": batch["segment_ids_BxL"] > 0, "segment_ids_BxL": batch["segment_ids_BxL"],
+            "positions_BxL": batch["positions_BxL"]}
+
+
 class _PackIterDataset(grain.IterDataset):
     """Concatenate-then-split packing into rows of `seq_len` tokens (see lm_dataset).
 
@@ -158,7 +184,7 @@ class _PackIterator(grain.DatasetIterator):
             self._doc, self._offset = next(self._parent)["tokens"], state["offset"]
 
 
-# ------------------------------------------------------- LM text: packed windows
+# ------------------------------------------------------- LM text: the dialogues
 def dialogue_texts(hh_dir: str, subsets: list[str] | None = None, skip_invalid: bool = False
                    ) -> tuple[dict[str, list[str]], dict]:
     """{"train": [...], "heldout": [...]} chosen transcripts split by the project's rule,
@@ -192,54 +218,6 @@ def get_tokenizer(spec: str, train_texts: list[str], stage_dir: str, vocab_size:
 
 def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(tokenizer.encode(t), np.int32) for t in texts]
-
-
-def pack(token_lists: list[np.ndarray], eos_id: int, seq_len: int) -> np.ndarray:
-    """Concatenates documents with EOS after each and cuts windows_NxL (tail dropped)."""
-    stream = np.concatenate([np.append(ids, eos_id) for ids in token_lists]).astype(np.int32)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise ValueError(f"not enough text for one window of {seq_len} tokens "
-                         f"({len(stream)} tokens)")
-    return stream[: n * seq_len].reshape(n, seq_len)
-
-
-class PackedBatches:
-    """Deterministic batches of packed windows; `batch(step)` needs no iterator state."""
-
-    def __init__(self, windows_NxL: np.ndarray, batch_size: int, seed: int):
-        if len(windows_NxL) < batch_size:
-            raise ValueError(f"{len(windows_NxL)} windows < batch size {batch_size}")
-        self.windows_NxL, self.batch_size, self.seed = windows_NxL, batch_size, seed
-        self.per_epoch = len(windows_NxL) // batch_size
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.windows_NxL))
-
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1
-              ) -> dict[str, np.ndarray]:
-        """This process's rows of the global batch for `step`."""
-        epoch, i = divmod(step, self.per_epoch)
-        rows = self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
-        rows = np.array_split(rows, process_count)[process_index]
-        tokens_BxL = self.windows_NxL[rows]
-        ones = np.ones_like(tokens_BxL, dtype=np.float32)
-        return {"tokens_BxL": tokens_BxL, "mask_BxL": ones.astype(bool), "weights_BxL": ones}
-
-    def state(self, step: int) -> dict:
-        return {"step": int(step), "seed": self.seed, "windows": int(len(self.windows_NxL))}
-
-    def check_state(self, state: dict, where: str) -> None:
-        mine = self.state(state.get("step", 0))
-        if state != mine:
-            raise ValueError(f"{where}: checkpointed data position {state} does not match this "
-                             f"run's data {mine}; the data or seed changed since the checkpoint")
-
-
-def eval_windows(windows_NxL: np.ndarray, max_tokens: int) -> np.ndarray:
-    """The first windows up to `max_tokens` (fixed, so every eval scores the same text)."""
-    n = max(1, min(len(windows_NxL), max_tokens // windows_NxL.shape[1]))
-    return windows_NxL[:n]
 
 
 # ------------------------------------------------------------------ PM pairs

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 from ml_collections import ConfigDict
 
 from hh_jax import checkpoint, metrics
-from hh_jax.model import count_params
 from hh_jax.pretrained import convert
 
 
@@ -24,7 +24,7 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     checkpoint.export_params(export_dir, params, {
         "stage": "lm", "step": 0, "model": dataclasses.asdict(mcfg), "tokenizer": cfg.model,
         "source": cfg.model})
-    n = count_params(params)
+    n = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
     print(f"[base] {cfg.model}: {mcfg.n_layers}L d{mcfg.d_model}, {n:,} params, vocab "
           f"{tok.vocab_size} → {export_dir}", flush=True)
     summary = {"model": cfg.model, "params": n, "config": dataclasses.asdict(mcfg)}

@@ -6,9 +6,13 @@ reduced to its top-k tokens plus one "rest" bucket (top-50: a 51-way distributio
 0.05× the pretraining LR decayed linearly to 0. Teacher and student start from the same LM
 export; the teacher is frozen (a separate jit argument, never in the optimizer).
 
-The prompt is prefilled once into a KV cache (batch 1, broadcast to the batch), so it costs
-nothing per step: the teacher runs on the text only, its positions continuing after the
-prompt; the student runs on the same text from position 0.
+The text is the LM stage's: HH train-split dialogues packed into rows by the segment-aware
+packer (hh_jax/data/loaders.py), so no document attends to another and positions restart
+in each. The prompt is prefilled once into a KV cache (batch 1, broadcast to the batch),
+so it costs nothing per step: the teacher reads each document of a row after the cached
+prompt (positions continuing after it, the other documents masked); the student reads
+the same rows without it. The KL counts every position whose next token belongs to the
+same document (every real token but a document's closing EOS).
 
 Shapes in names: B batch, L length, K top-k, V vocab, Q prompt, S cache slots.
 """
@@ -31,6 +35,7 @@ from hh_jax import checkpoint, losses, metrics, sharding, state, trainer
 from hh_jax.data import hh, loaders
 from hh_jax.model import ModelConfig, Transformer, init_cache
 from hh_jax.optim import make_optimizer
+from hh_jax.policy import Frozen
 from hh_jax.tokenizer import load_tokenizer
 
 DEFAULT_PROMPT = os.path.join(hh.PROMPTS_DIR, "hhh_prompt.txt")
@@ -107,8 +112,14 @@ def prefill_prompt(teacher_params, prompt_1xQ: jax.Array, *, model: Transformer,
 
 
 def teacher_logits(teacher_params, tokens_BxL: jax.Array, prompt_cache: dict, *,
-                   model: Transformer) -> jax.Array:
-    """The teacher's logits_BxLxV on the text, reading it after the cached prompt."""
+                   model: Transformer, segment_ids_BxL: jax.Array | None = None,
+                   positions_BxL: jax.Array | None = None, mask_BxL: jax.Array | None = None
+                   ) -> jax.Array:
+    """The teacher's logits_BxLxV on the text, reading it after the cached prompt.
+
+    Packed rows (the loader's `segment_ids_BxL`, `positions_BxL`, `mask_BxL`): each
+    document sees the prompt and itself, at positions continuing after the prompt, as if
+    it were alone after the prompt. Without them the row is one text."""
     b, length = tokens_BxL.shape
     n, _, s, g, kd = prompt_cache["k"].shape
     if s < length:
@@ -116,29 +127,47 @@ def teacher_logits(teacher_params, tokens_BxL: jax.Array, prompt_cache: dict, *,
     cache = {"k": jnp.broadcast_to(prompt_cache["k"], (n, b, s, g, kd)),
              "v": jnp.broadcast_to(prompt_cache["v"], (n, b, s, g, kd)),
              "index": prompt_cache["index"]}
-    positions_BxL = jnp.broadcast_to(prompt_cache["index"] + jnp.arange(length), (b, length))
-    out = model.apply(teacher_params, tokens_BxL, positions_BxL=positions_BxL, cache=cache,
-                      kv_valid_BxS=jnp.ones((b, s), bool))
+    if positions_BxL is None:
+        positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
+    kv_valid_BxS = jnp.ones((b, s), bool)
+    if mask_BxL is not None:  # padding is never attended to
+        kv_valid_BxS = jax.lax.dynamic_update_slice(kv_valid_BxS, mask_BxL.astype(bool),
+                                                    (0, prompt_cache["index"]))
+    out = model.apply(teacher_params, tokens_BxL, positions_BxL=prompt_cache["index"]
+                      + positions_BxL, segment_ids_BxL=segment_ids_BxL, cache=cache,
+                      kv_valid_BxS=kv_valid_BxS)
     return out["logits_BxLxV"]
+
+
+def _teacher(teacher_params, batch: dict, prompt_cache: dict, model: Transformer) -> jax.Array:
+    return teacher_logits(teacher_params, batch["tokens_BxL"], prompt_cache, model=model,
+                          segment_ids_BxL=batch.get("segment_ids_BxL"),
+                          positions_BxL=batch.get("positions_BxL"), mask_BxL=batch["mask_BxL"])
+
+
+def _student(params, batch: dict, model: Transformer) -> jax.Array:
+    """The student's logits on the same (packed) rows, documents kept apart."""
+    return model.apply(params, batch["tokens_BxL"], mask_BxL=batch["mask_BxL"],
+                       segment_ids_BxL=batch.get("segment_ids_BxL"),
+                       positions_BxL=batch.get("positions_BxL"))["logits_BxLxV"]
 
 
 # ------------------------------------------------------------------------------ steps
 def train_step(st: state.TrainState, batch, teacher_params, prompt_cache, *, model: Transformer,
                optimizer: optax.GradientTransformation, k: int,
                teacher_model: Transformer | None = None):
-    """One optimizer step of the student on the top-k + rest KL to the prompted teacher."""
-    t_logits = teacher_logits(teacher_params, batch["tokens_BxL"], prompt_cache,
-                              model=teacher_model or model)
+    """One optimizer step of the student on the top-k + rest KL to the prompted teacher,
+    over the positions `batch["kl_weights_BxL"]` weighs."""
+    t_logits = _teacher(teacher_params, batch, prompt_cache, teacher_model or model)
     ids, probs, rest = jax.lax.stop_gradient(topk_rest_targets(t_logits, k))
+    w = batch["kl_weights_BxL"].astype(jnp.float32)
 
     def objective(params):
-        out = model.apply(params, batch["tokens_BxL"], mask_BxL=batch["mask_BxL"])
-        return distill_loss(out["logits_BxLxV"], ids, probs, rest, batch["weights_BxL"])
+        return distill_loss(_student(params, batch, model), ids, probs, rest, w)
 
     loss, grads = jax.value_and_grad(objective)(st.params)
     updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
     params = optax.apply_updates(st.params, updates)
-    w = batch["weights_BxL"].astype(jnp.float32)
     out = {"train/loss": loss, "train/positions": w.sum(),
            "train/grad_norm": optax.global_norm(grads),
            "train/teacher_rest_mass": (rest * w).sum() / jnp.maximum(w.sum(), 1.0)}
@@ -147,31 +176,32 @@ def train_step(st: state.TrainState, batch, teacher_params, prompt_cache, *, mod
 
 def eval_step(params, teacher_params, prompt_cache, batch, *, model: Transformer,
               teacher_model: Transformer, k: int) -> dict:
-    """Sums over a batch: the KL, the student's and the prompted teacher's next-token NLL."""
+    """Sums over a batch: the KL (over `kl_weights_BxL`), the student's and the prompted
+    teacher's next-token NLL (over the targets `weights_BxL`, as the LM stage scores)."""
     tokens, w = batch["tokens_BxL"], batch["weights_BxL"].astype(jnp.float32)
-    t_logits = teacher_logits(teacher_params, tokens, prompt_cache, model=teacher_model)
-    s_logits = model.apply(params, tokens, mask_BxL=batch["mask_BxL"])["logits_BxLxV"]
+    kl_w = batch["kl_weights_BxL"].astype(jnp.float32)
+    t_logits = _teacher(teacher_params, batch, prompt_cache, teacher_model)
+    s_logits = _student(params, batch, model)
     kl_BxL = distill_kl_BxL(s_logits, *topk_rest_targets(t_logits, k))
     nll, count = losses.next_token_xent(s_logits, tokens, w)
     t_nll, _ = losses.next_token_xent(t_logits, tokens, w)
-    return {"kl": (kl_BxL * w).sum(), "positions": w.sum(), "nll": nll, "tokens": count,
+    return {"kl": (kl_BxL * kl_w).sum(), "positions": kl_w.sum(), "nll": nll, "tokens": count,
             "teacher_nll": t_nll}
 
 
-def evaluate(eval_fn, params, windows_NxL: np.ndarray, batch_size: int, mesh) -> dict:
-    """Held-out distillation KL and perplexities over fixed windows (exact averages), every
-    window scored: the last batch is filled up with weight-0 copies (one batch shape)."""
+def inputs(batch: dict, eos_id: int) -> dict:
+    """An `lm_dataset` batch → the step's inputs: `loaders.lm_inputs` and the KL's
+    positions, every real token but EOS (whose next token starts another document)."""
+    x = loaders.lm_inputs(batch)
+    x["kl_weights_BxL"] = (x["mask_BxL"] & (x["tokens_BxL"] != eos_id)).astype(np.float32)
+    return x
+
+
+def evaluate(eval_fn, params, batches: list[dict], mesh) -> dict:
+    """Held-out distillation KL and perplexities over fixed batches (exact averages)."""
     sums: dict[str, float] = {}
-    for i in range(0, len(windows_NxL), batch_size):
-        tokens = windows_NxL[i:i + batch_size]
-        weights = np.ones_like(tokens, np.float32)
-        if len(tokens) < batch_size:
-            fill = batch_size - len(tokens)
-            tokens = np.concatenate([tokens, windows_NxL[:fill]])
-            weights = np.concatenate([weights, np.zeros_like(windows_NxL[:fill], np.float32)])
-        out = eval_fn(params, sharding.put_batch(
-            {"tokens_BxL": tokens, "mask_BxL": np.ones_like(tokens, bool),
-             "weights_BxL": weights}, mesh))
+    for batch in batches:
+        out = eval_fn(params, sharding.put_batch(batch, mesh))
         for name, v in out.items():
             sums[name] = sums.get(name, 0.0) + float(v)
     loss = sums["nll"] / max(sums["tokens"], 1.0)
@@ -205,10 +235,8 @@ def _models(cfg: ConfigDict):
                          "unless `teacher` is set, the teacher)")
     teacher = cfg.get("teacher") or cfg.init_from
     s_meta, t_meta = checkpoint.read_meta(cfg.init_from), checkpoint.read_meta(teacher)
-    # compute-only overrides (dtype, remat, attention_impl) apply to both models
-    overrides = dict(cfg.get("model_overrides", {}) or {})
-    mcfg = ModelConfig(**s_meta["model"]).replace(**overrides)
-    tmcfg = ModelConfig(**t_meta["model"]).replace(**overrides)
+    mcfg = ModelConfig(**s_meta["model"]).replace(**_overrides(cfg))
+    tmcfg = ModelConfig(**t_meta["model"]).replace(**_overrides(cfg))
     s_tok, t_tok = checkpoint.tokenizer_spec(cfg.init_from), checkpoint.tokenizer_spec(teacher)
     if not _same_tokenizer(s_tok, t_tok) or mcfg.vocab_size != tmcfg.vocab_size:
         raise ValueError(f"distill: teacher {teacher} (tokenizer {t_tok}, vocab "
@@ -225,23 +253,16 @@ def _same_tokenizer(a: str, b: str) -> bool:
 
 
 def _data(cfg: ConfigDict, tok):
-    """Step-indexed train batches, fixed held-out windows, the data report."""
+    """The packed train batches (grain: resumable), fixed held-out batches, the data report,
+    the number of train dialogues."""
     texts, report = loaders.dialogue_texts(cfg.data.hh_dir, list(cfg.data.subsets) or None,
                                            cfg.data.skip_invalid)
-    train = loaders.pack(loaders.encode_all(tok, texts["train"]), tok.eos_id, cfg.seq_len)
-    held = loaders.pack(loaders.encode_all(tok, texts["heldout"]), tok.eos_id, cfg.seq_len)
-    eval_NxL = loaders.eval_windows(held, cfg.eval_tokens)
-    if len(eval_NxL) < cfg.batch_size:
-        raise ValueError(f"distill: eval_tokens={cfg.eval_tokens} gives {len(eval_NxL)} "
-                         f"held-out windows of {cfg.seq_len}, fewer than batch_size "
-                         f"{cfg.batch_size}")
-    return loaders.PackedBatches(train, cfg.batch_size, cfg.seed), eval_NxL, report
-
-
-def _import(path: str, model: Transformer, mesh):
-    boxed = lambda: model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))  # noqa: E731
-    abstract, p_sh = state.param_shardings(boxed, mesh)
-    return checkpoint.import_params(path, checkpoint.abstract_with_shardings(abstract, p_sh)), p_sh
+    train = loaders.lm_dataset(texts["train"], tok, seq_len=cfg.seq_len,
+                               global_batch=cfg.batch_size, seed=cfg.seed)
+    held = [inputs(b, tok.eos_id) for b in loaders.heldout_batches(
+        texts["heldout"], tok, seq_len=cfg.seq_len, global_batch=cfg.batch_size,
+        max_tokens=cfg.eval_tokens)]
+    return train, held, report, len(texts["train"])
 
 
 def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
@@ -249,39 +270,40 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     os.makedirs(stage_dir, exist_ok=True)
     mcfg, tmcfg, tok, teacher_path = _models(cfg)
     prompt_path, prompt_Q = _prompt(cfg, tok, tmcfg)
-    batches, eval_NxL, data_report = _data(cfg, tok)
+    train_ds, eval_batches, data_report, n_train = _data(cfg, tok)
     mesh = sharding.make_mesh(cfg.mesh)
-    model, tmodel = Transformer(mcfg), Transformer(tmcfg)
+    model = Transformer(mcfg)
     lr = cfg.base_lr * cfg.lr_ratio  # PAPER.md §5: 0.05× the pretraining LR, linear to 0
-    optimizer = make_optimizer(ConfigDict({**cfg.optim.to_dict(), "lr": lr}), cfg.steps)
-    boxed_init = lambda: model.init(jax.random.key(cfg.seed),  # noqa: E731
-                                    jnp.zeros((2, 8), jnp.int32))
-    st, st_sh, ckpts, data_state, how = trainer.resume_or_init(cfg, stage_dir, boxed_init,
-                                                               optimizer, mesh)
-    if data_state is not None:
-        batches.check_state(data_state, os.path.join(stage_dir, "checkpoints"))
-    teacher_params, t_sh = _import(teacher_path, tmodel, mesh)
+    optimizer = make_optimizer(cfg.optim, cfg.steps, lr=lr)
+    st, st_sh, ckpts, data_state, how = trainer.resume_or_init(
+        cfg, stage_dir, state.lm_init(model, cfg.seed), optimizer, mesh)
+    it = iter(train_ds)
+    if data_state is not None:  # the grain iterator's position, saved with the model
+        it.set_state(data_state["iterator"])
+    teacher = Frozen(teacher_path, mesh, None, _overrides(cfg))
     with sharding.activate(mesh):  # the prompt's KV cache, once (batch 1, replicated)
-        cache = jax.jit(functools.partial(prefill_prompt, model=tmodel, text_len=cfg.seq_len),
+        cache = jax.jit(functools.partial(prefill_prompt, model=teacher.model,
+                                          text_len=cfg.seq_len),
                         out_shardings=sharding.replicated(mesh))(
-            teacher_params, jnp.asarray(prompt_Q)[None])
-    step, ev = _jit_steps(model, tmodel, optimizer, cfg.top_k, st_sh, t_sh, mesh)
-    eval_fn = lambda params, _=None: evaluate(  # noqa: E731
-        lambda p, b: ev(p, teacher_params, cache, b), params, eval_NxL, cfg.batch_size, mesh)
+            teacher.params, jnp.asarray(prompt_Q)[None])
+    step, ev = _jit_steps(model, teacher.model, optimizer, cfg.top_k, st_sh, teacher.shardings,
+                          mesh)
+    eval_fn = lambda params: evaluate(  # noqa: E731
+        lambda p, b: ev(p, teacher.params, cache, b), params, eval_batches, mesh)
     print(f"[distill] {mcfg.n_layers}L d{mcfg.d_model}, teacher {teacher_path}, prompt "
           f"{prompt_path} ({len(prompt_Q)} tokens), top-{cfg.top_k} + rest, lr {lr:.2e}, "
-          f"{len(batches.windows_NxL)} train windows of {cfg.seq_len}, {how}", flush=True)
-    before = _before(cfg, teacher_path, teacher_params, tmodel, model, eval_fn, mesh)
+          f"{n_train} train dialogues packed in rows of {cfg.seq_len}, {how}", flush=True)
+    before = _before(cfg, teacher_path, teacher, model, eval_fn, mesh)
     writer = metrics.MetricsWriter(stage_dir)
     if int(st.step) == 0:
         writer.write(0, before)
     try:
         with sharding.activate(mesh):
             st = trainer.train_loop(
-                "distill", cfg, st, lambda s, b: step(s, b, teacher_params, cache),
-                lambda i: batches.batch(i, jax.process_index(), jax.process_count()),
-                batches.state, ckpts, writer, mesh, cfg.steps, evaluate=eval_fn,
-                real_tokens=lambda b: float(b["weights_BxL"].sum()))
+                "distill", cfg, st, lambda s, b: step(s, b, teacher.params, cache),
+                lambda _: inputs(next(it), tok.eos_id), lambda _: {"iterator": it.get_state()},
+                ckpts, writer, mesh, cfg.steps, evaluate=lambda s, _: eval_fn(s.params),
+                real_tokens=lambda b: float(b["kl_weights_BxL"].sum()))
             final = eval_fn(st.params)
     finally:  # also on NaN / Ctrl-C: let in-flight saves of good checkpoints commit
         ckpts.close()
@@ -289,8 +311,13 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     writer.close()
     return _finish(cfg, stage_dir, st, mcfg, final, before, data_report, dict(
         teacher=teacher_path, prompt_file=prompt_path, prompt_tokens=len(prompt_Q),
-        top_k=cfg.top_k, lr=lr, train_windows=len(batches.windows_NxL),
-        heldout_windows=len(eval_NxL)))
+        top_k=cfg.top_k, lr=lr, train_dialogues=n_train,
+        heldout_rows=len(eval_batches) * cfg.batch_size))
+
+
+def _overrides(cfg: ConfigDict) -> dict:
+    """Compute-only model overrides (dtype, remat, attention_impl): both models take them."""
+    return dict(cfg.get("model_overrides", {}) or {})
 
 
 def _prompt(cfg: ConfigDict, tok, tmcfg: ModelConfig) -> tuple[str, np.ndarray]:
@@ -319,13 +346,13 @@ def _jit_steps(model, tmodel, optimizer, k: int, st_sh, t_sh, mesh):
     return step, ev
 
 
-def _before(cfg, teacher_path, teacher_params, tmodel, model, eval_fn, mesh) -> dict:
+def _before(cfg, teacher_path, teacher: Frozen, model, eval_fn, mesh) -> dict:
     """Held-out numbers of the student's starting params (the init_from export): recomputed
     from the export, so a resumed run reports the same ones."""
-    if teacher_path == cfg.init_from and tmodel.cfg == model.cfg:
-        params = teacher_params
+    if teacher_path == cfg.init_from and teacher.cfg == model.cfg:
+        params = teacher.params
     else:
-        params, _ = _import(cfg.init_from, model, mesh)
+        params = Frozen(cfg.init_from, mesh, None, _overrides(cfg)).params
     with sharding.activate(mesh):
         out = eval_fn(params)
     return {k.replace("eval/", "eval_before/"): v for k, v in out.items()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import os
 import shutil
@@ -64,19 +63,6 @@ def eval_step(params, batch, *, model: Transformer):
     return losses.next_token_xent(out["logits_BxLxV"], batch["tokens_BxL"], batch["weights_BxL"])
 
 
-def from_loader(batch: dict) -> dict:
-    """A grain LM batch → the step's inputs (attention mask, loss weights, segments).
-
-    A document's first token is never a target: in a packed row it would be predicted from
-    the previous document's EOS, across the boundary attention respects (and at the start
-    of a row it has no predecessor anyway), so every scored token is predicted from its own
-    document."""
-    weights_BxL = batch["mask_BxL"] * (batch["positions_BxL"] > 0)
-    return {"tokens_BxL": batch["tokens_BxL"], "weights_BxL": weights_BxL,
-            "mask_BxL": batch["segment_ids_BxL"] > 0, "segment_ids_BxL": batch["segment_ids_BxL"],
-            "positions_BxL": batch["positions_BxL"]}
-
-
 def evaluate(eval_fn, params, batches: list[dict], mesh) -> dict:
     nll, count = 0.0, 0.0
     for batch in batches:
@@ -89,27 +75,18 @@ def evaluate(eval_fn, params, batches: list[dict], mesh) -> dict:
 def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     """Runs the LM stage into `stage_dir`; returns its summary."""
     os.makedirs(stage_dir, exist_ok=True)
-    texts, data_report = loaders.dialogue_texts(cfg.data.hh_dir, list(cfg.data.subsets) or None,
-                                                cfg.data.skip_invalid)
-    print(f"[lm] data: {data_report['comparisons']} comparisons of {data_report['rows']} rows; "
-          f"skipped by reason: {data_report['skipped'] or 'none'}; dialogues "
-          f"{len(texts['train'])} train / {len(texts['heldout'])} held-out", flush=True)
-    tok = loaders.get_tokenizer(cfg.tokenizer.kind, texts["train"], stage_dir,
-                                cfg.tokenizer.vocab_size, cfg.seed)
+    texts, data_report, tok = _texts_and_tokenizer(cfg, stage_dir)
     train_ds = loaders.lm_dataset(texts["train"], tok, seq_len=cfg.seq_len,
                                   global_batch=cfg.batch_size, seed=cfg.seed)
-    heldout_ds = loaders.lm_dataset(texts["heldout"], tok, seq_len=cfg.seq_len,
-                                    global_batch=cfg.batch_size, seed=0, num_epochs=1)
-    n_eval = max(1, cfg.eval_tokens // (cfg.seq_len * cfg.batch_size))
-    eval_batches = [from_loader(b) for b in itertools.islice(iter(heldout_ds), n_eval)]
+    eval_batches = [loaders.lm_inputs(b) for b in loaders.heldout_batches(
+        texts["heldout"], tok, seq_len=cfg.seq_len, global_batch=cfg.batch_size,
+        max_tokens=cfg.eval_tokens)]
     mesh = sharding.make_mesh(cfg.mesh)
     mcfg = model_config(cfg, tok.vocab_size)
     model = Transformer(mcfg)
     optimizer = make_optimizer(cfg.optim, cfg.steps)
-    dummy = jnp.zeros((cfg.batch_size, cfg.seq_len), jnp.int32)
-    boxed_init = lambda: model.init(jax.random.key(cfg.seed), dummy)  # noqa: E731
-    st, st_sh, ckpts, data_state, how = trainer.resume_or_init(cfg, stage_dir, boxed_init,
-                                                               optimizer, mesh)
+    st, st_sh, ckpts, data_state, how = trainer.resume_or_init(
+        cfg, stage_dir, state.lm_init(model, cfg.seed), optimizer, mesh)
     it = iter(train_ds)
     if data_state is not None:  # the grain iterator's position, saved with the model
         it.set_state(data_state["iterator"])
@@ -123,15 +100,31 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     try:
         with sharding.activate(mesh):
             st = trainer.train_loop(
-                "lm", cfg, st, step_fn, lambda _: from_loader(next(it)),
+                "lm", cfg, st, step_fn, lambda _: loaders.lm_inputs(next(it)),
                 lambda _: {"iterator": it.get_state()}, ckpts, writer, mesh, cfg.steps,
                 real_tokens=lambda b: float(b["weights_BxL"].sum()),
-                evaluate=lambda params, _: evaluate(eval_fn, params, eval_batches, mesh))
+                evaluate=lambda s, _: evaluate(eval_fn, s.params, eval_batches, mesh))
             final = evaluate(eval_fn, st.params, eval_batches, mesh)
     finally:  # also on NaN / Ctrl-C: let in-flight saves of good checkpoints commit
         ckpts.close()
     writer.write(int(st.step), final)
     writer.close()
+    return _finish(cfg, stage_dir, st, mcfg, tok, texts, eval_batches, final, data_report)
+
+
+def _texts_and_tokenizer(cfg: ConfigDict, stage_dir: str) -> tuple:
+    """(train / held-out dialogues, the data report, the tokenizer)."""
+    texts, data_report = loaders.dialogue_texts(cfg.data.hh_dir, list(cfg.data.subsets) or None,
+                                                cfg.data.skip_invalid)
+    print(f"[lm] data: {data_report['comparisons']} comparisons of {data_report['rows']} rows; "
+          f"skipped by reason: {data_report['skipped'] or 'none'}; dialogues "
+          f"{len(texts['train'])} train / {len(texts['heldout'])} held-out", flush=True)
+    tok = loaders.get_tokenizer(cfg.tokenizer.kind, texts["train"], stage_dir,
+                                cfg.tokenizer.vocab_size, cfg.seed)
+    return texts, data_report, tok
+
+
+def _finish(cfg, stage_dir, st, mcfg, tok, texts, eval_batches, final, data_report) -> dict:
     # the training stream as the LM sees it (each document ends with EOS, a scored target)
     train_ids = [np.append(ids, tok.eos_id) for ids in loaders.encode_all(tok, texts["train"])]
     # the tokens the LM is scored on: every weighted target (not a document's first token)

@@ -22,8 +22,9 @@ from ml_collections import ConfigDict
 from hh_jax import checkpoint, losses, metrics, pm_cache, pm_top, reward, sharding, state, trainer
 from hh_jax.data import hh, loaders, stackexchange
 from hh_jax.evals import pm_accuracy, pm_probe
-from hh_jax.model import SIZES, ModelConfig, ScalarHead, Transformer
+from hh_jax.model import SIZES, ModelConfig, Transformer
 from hh_jax.optim import make_optimizer
+from hh_jax.policy import Frozen
 from hh_jax.pretrained import convert, registry
 from hh_jax.tokenizer import load_tokenizer
 
@@ -148,33 +149,36 @@ def heldout_pairs(ecfg: ConfigDict) -> list:
     return held
 
 
-def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
-    """Runs a `pmp` or `pm` stage into `stage_dir`; returns its summary."""
-    name = os.path.basename(os.path.normpath(stage_dir))
-    os.makedirs(stage_dir, exist_ok=True)
-    mcfg, tok, init_stage = _model_and_tokenizer(cfg)
+def pair_batches(cfg: ConfigDict, tok) -> tuple:
+    """(grain pair batches of every epoch, steps, the data report): each epoch in a fresh
+    length-grouped order."""
     comps, data_report = load_comparisons(cfg.data)
     lengths = reward.pair_row_lengths(comps, tok, cfg.max_len, cfg.get("pair_layout", "shared"))
     ordered = []
-    for epoch in range(cfg.epochs):  # one fresh length-grouped order per epoch
+    for epoch in range(cfg.epochs):
         ordered += length_grouped(comps, lengths, cfg.batch_size, cfg.seed + epoch)
     ds = loaders.pm_dataset(ordered, tok, max_len=cfg.max_len, global_batch=cfg.batch_size,
                             seed=cfg.seed, shuffle=False, drop_remainder=True,
                             buckets=tuple(cfg.get("buckets", ()) or ()) or None,
                             layout=cfg.get("pair_layout", "shared"))
-    total_steps = len(comps) // cfg.batch_size * cfg.epochs
+    return ds, len(comps) // cfg.batch_size * cfg.epochs, data_report
+
+
+def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
+    """Runs a `pmp` or `pm` stage into `stage_dir`; returns its summary."""
+    name = os.path.basename(os.path.normpath(stage_dir))
+    os.makedirs(stage_dir, exist_ok=True)
+    mcfg, tok, init_stage = _model_and_tokenizer(cfg)
+    ds, total_steps, data_report = pair_batches(cfg, tok)
     held = heldout_pairs(cfg.eval)
     print(f"[{name}] {data_report['used']} training pairs ({data_report}), {total_steps} steps; "
           f"{len(held)} held-out HH pairs", flush=True)
     mesh = sharding.make_mesh(cfg.mesh)
-    model, head = Transformer(mcfg), ScalarHead(mcfg.d_model, use_bias=False)
+    model = Transformer(mcfg)
     lr = cfg.base_lr * cfg.lr_ratio  # PAPER.md §3: PMP 0.1×, finetune 0.01× the LM's LR
-    optimizer = make_optimizer(ConfigDict({**cfg.optim.to_dict(), "lr": lr}), total_steps)
-    dummy_BxL = jnp.zeros((2, 8), jnp.int32)
-    head_init = lambda: head.init(jax.random.key(cfg.seed + 1),  # noqa: E731
-                                  jnp.zeros((2, mcfg.d_model)))
-    boxed_init = lambda: {"backbone": model.init(jax.random.key(cfg.seed), dummy_BxL),  # noqa
-                          "head": head_init()}
+    optimizer = make_optimizer(cfg.optim, total_steps, lr=lr)
+    boxed_init = reward.pm_init(model, cfg.seed)
+    head_init = reward.head_init(mcfg.d_model, cfg.seed + 1)
     _, p_sh = state.param_shardings(boxed_init, mesh)
     st, st_sh, ckpts, data_state, how = trainer.resume_or_init(
         cfg, stage_dir, boxed_init, optimizer, mesh,
@@ -185,23 +189,34 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     step_fn = trainer.jit_train_step(functools.partial(
         train_step, model=model, optimizer=optimizer, lm_coef=cfg.lm_coef), st_sh, mesh)
     score_fn = jax.jit(functools.partial(reward.score_step, model=model))
-    writer = metrics.MetricsWriter(stage_dir)
     print(f"[{name}] {mcfg.n_layers}L d{mcfg.d_model}, lr {lr:.2e}, {how}", flush=True)
+    st, report = _train(cfg, stage_dir, st, step_fn, lambda: next(it),
+                        lambda: {"iterator": it.get_state()}, ckpts, mesh, total_steps,
+                        lambda params: pm_accuracy.evaluate_pairs(score_fn, params, held, tok,
+                                                                  cfg, mesh))
+    return _finish(cfg, stage_dir, int(st.step), st.params, mcfg, report, data_report, len(held))
+
+
+def _train(cfg: ConfigDict, stage_dir: str, st, step_fn, next_batch, data_state, ckpts, mesh,
+           total_steps: int, heldout) -> tuple:
+    """trainer.train_loop over λ-weighted pair batches, then the held-out report of the
+    final params (`heldout(params)`); returns (state, report)."""
+    name = os.path.basename(os.path.normpath(stage_dir))
     weight = _pair_weights(cfg)
-    heldout = lambda params: pm_accuracy.evaluate_pairs(score_fn, params, held, tok, cfg, mesh)
+    writer = metrics.MetricsWriter(stage_dir)
     try:
         with sharding.activate(mesh):
             st = trainer.train_loop(
-                name, cfg, st, step_fn, lambda _: weight(next(it)),
-                lambda _: {"iterator": it.get_state()}, ckpts, writer, mesh, total_steps,
-                evaluate=lambda params, _: pm_accuracy.eval_metrics(heldout(params)),
+                name, cfg, st, step_fn, lambda _: weight(next_batch()),
+                lambda _: data_state(), ckpts, writer, mesh, total_steps,
+                evaluate=lambda s, _: pm_accuracy.eval_metrics(heldout(s.params)),
                 real_tokens=_real_tokens)
             report = heldout(st.params)
     finally:
         ckpts.close()
     writer.write(int(st.step), pm_accuracy.eval_metrics(report))
     writer.close()
-    return _finish(cfg, stage_dir, int(st.step), st.params, mcfg, report, data_report, len(held))
+    return st, report
 
 
 def train_frozen_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
@@ -218,15 +233,7 @@ def train_frozen_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     """
     name = os.path.basename(os.path.normpath(stage_dir))
     os.makedirs(stage_dir, exist_ok=True)
-    if jax.process_count() > 1:
-        raise NotImplementedError("pm_frozen runs on one process (its cache is local)")
-    meta = checkpoint.read_meta(cfg.init_from)
-    if meta.get("stage") != "lm":
-        raise ValueError(f"{name}.init_from {cfg.init_from}: a {meta.get('stage')!r} export; "
-                         "the frozen-trunk PM starts from an LM export (e.g. the base stage's)")
-    mcfg = ModelConfig(**meta["model"]).replace(**dict(cfg.get("model_overrides", {}) or {}))
-    tok = load_tokenizer(checkpoint.tokenizer_spec(cfg.init_from))
-    lm_params = jax.device_get(checkpoint.import_params(cfg.init_from))
+    mcfg, tok, lm_params = _frozen_start(cfg, name)
     comps, data_report = load_comparisons(cfg.data)
     held = heldout_pairs(cfg.eval)
     kw = dict(max_len=cfg.max_len, n_frozen=cfg.frozen_layers)
@@ -243,16 +250,12 @@ def train_frozen_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
           f"{mcfg.n_layers - cfg.frozen_layers} of {mcfg.n_layers} layers trained; "
           f"{len(held)} held-out HH pairs", flush=True)
     mesh = sharding.make_mesh(cfg.mesh)
-    head = ScalarHead(mcfg.d_model, use_bias=False)
-    head_init = lambda: head.init(jax.random.key(cfg.seed + 1), jnp.zeros((2, mcfg.d_model)))  # noqa
-    boxed_top = lambda: pm_top.split_params({"backbone": Transformer(mcfg).init(  # noqa: E731
-        jax.random.key(cfg.seed), jnp.zeros((2, 8), jnp.int32)), "head": head_init()},
-        cfg.frozen_layers)[1]
-    frozen, top0 = pm_top.split_params({"backbone": lm_params,
-                                        "head": jax.device_get(nn.unbox(head_init()))},
-                                       cfg.frozen_layers)
+    boxed_top = lambda: pm_top.split_params(  # noqa: E731
+        reward.pm_init(Transformer(mcfg), cfg.seed)(), cfg.frozen_layers)[1]
+    frozen, top0 = pm_top.split_params({"backbone": lm_params, "head": jax.device_get(
+        nn.unbox(reward.head_init(mcfg.d_model, cfg.seed + 1)()))}, cfg.frozen_layers)
     lr = cfg.base_lr * cfg.lr_ratio
-    optimizer = make_optimizer(ConfigDict({**cfg.optim.to_dict(), "lr": lr}), len(batches))
+    optimizer = make_optimizer(cfg.optim, len(batches), lr=lr)
     st, st_sh, ckpts, data_state, how = trainer.resume_or_init(
         cfg, stage_dir, boxed_top, optimizer, mesh, lambda _, target: jax.tree_util.tree_map(
             lambda x, t: jax.device_put(x, t.sharding), top0, target))
@@ -262,35 +265,44 @@ def train_frozen_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
         pm_top.train_step, cfg=mcfg, optimizer=optimizer, bradley_terry=reward.bradley_terry),
         st_sh, mesh)
     score_fn = jax.jit(functools.partial(pm_top.pair_scores, cfg=mcfg))
-    heldout = lambda top: pm_accuracy.comparisons_report(  # noqa: E731
-        held, *pm_top.score_cache(score_fn, top, hcache, hrows))
-    writer = metrics.MetricsWriter(stage_dir)
     print(f"[{name}] {mcfg.n_layers}L d{mcfg.d_model}, lr {lr:.2e}, {how}", flush=True)
-    weight = _pair_weights(cfg)
-    try:
-        with sharding.activate(mesh):
-            st = trainer.train_loop(
-                name, cfg, st, step_fn, lambda _: weight(batches.next()),
-                lambda _: {"iterator": batches.get_state()}, ckpts, writer, mesh, len(batches),
-                evaluate=lambda top, _: pm_accuracy.eval_metrics(heldout(top)),
-                real_tokens=_real_tokens)
-            report = heldout(st.params)
-    finally:
-        ckpts.close()
-    writer.write(int(st.step), pm_accuracy.eval_metrics(report))
-    writer.close()
-    extra = {"frozen_layers": cfg.frozen_layers, "cache": cache["meta"]}
-    if cfg.get("probe_layers"):  # linear probes of the frozen model's layers, beside the PM
-        extra["probes"] = pm_probe.layer_probes(cache["reads_Px2xNxD"], rows,
-                                                hcache["reads_Px2xNxD"], hrows,
-                                                [layer - 1 for layer in cfg.probe_layers])
-        pm_probe.plot(extra["probes"], os.path.join(stage_dir, "probes.png"),
-                      f"{name}: linear probes of the frozen model (held-out pairs)",
-                      report["overall"]["longer_wins"], report["overall"]["accuracy"])
-        print(f"[{name}] probe accuracy by layer: " + ", ".join(
-            f"{r['layer']}: {r['accuracy']:.3f}" for r in extra["probes"]["layers"]), flush=True)
+    st, report = _train(cfg, stage_dir, st, step_fn, batches.next,
+                        lambda: {"iterator": batches.get_state()}, ckpts, mesh, len(batches),
+                        lambda top: pm_accuracy.comparisons_report(
+                            held, *pm_top.score_cache(score_fn, top, hcache, hrows)))
+    extra = {"frozen_layers": cfg.frozen_layers, "cache": cache["meta"],
+             **_probes(cfg, stage_dir, (cache, rows), (hcache, hrows), report)}
     return _finish(cfg, stage_dir, int(st.step), pm_top.join_params(frozen, jax.device_get(
         st.params)), mcfg, report, data_report, len(held), extra=extra)
+
+
+def _frozen_start(cfg: ConfigDict, name: str) -> tuple:
+    """(model config, tokenizer, host params) of the LM export a frozen-trunk PM starts from."""
+    if jax.process_count() > 1:
+        raise NotImplementedError("pm_frozen runs on one process (its cache is local)")
+    lm = Frozen(cfg.init_from, None, None, dict(cfg.get("model_overrides", {}) or {}))
+    if lm.meta.get("stage") != "lm":
+        raise ValueError(f"{name}.init_from {cfg.init_from}: a {lm.meta.get('stage')!r} export; "
+                         "the frozen-trunk PM starts from an LM export (e.g. the base stage's)")
+    tok = load_tokenizer(checkpoint.tokenizer_spec(cfg.init_from))
+    return lm.cfg, tok, jax.device_get(lm.params)
+
+
+def _probes(cfg: ConfigDict, stage_dir: str, train: tuple, held: tuple, report: dict) -> dict:
+    """{"probes": ...}: linear probes of the frozen model's layers `cfg.probe_layers`
+    (1-based) beside the PM, plotted in probes.png; {} without probe_layers."""
+    if not cfg.get("probe_layers"):
+        return {}
+    name = os.path.basename(os.path.normpath(stage_dir))
+    (cache, rows), (hcache, hrows) = train, held
+    probes = pm_probe.layer_probes(cache["reads_Px2xNxD"], rows, hcache["reads_Px2xNxD"], hrows,
+                                   [layer - 1 for layer in cfg.probe_layers])
+    pm_probe.plot(probes, os.path.join(stage_dir, "probes.png"),
+                  f"{name}: linear probes of the frozen model (held-out pairs)",
+                  report["overall"]["longer_wins"], report["overall"]["accuracy"])
+    print(f"[{name}] probe accuracy by layer: " + ", ".join(
+        f"{r['layer']}: {r['accuracy']:.3f}" for r in probes["layers"]), flush=True)
+    return {"probes": probes}
 
 
 def _pair_weights(cfg: ConfigDict):

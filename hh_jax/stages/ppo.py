@@ -11,13 +11,14 @@ import dataclasses
 import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, metrics, ppo, sampling, sharding, state
+from hh_jax import checkpoint, metrics, ppo, sampling, sharding, state, trainer
 from hh_jax.evals import fits
 from hh_jax.model import Transformer
 from hh_jax.optim import make_optimizer
@@ -131,8 +132,7 @@ def make_fns(cfg: ConfigDict, pcfg: ppo.PPOConfig, policy: Frozen, pm: Frozen,
 
 
 def ppo_config(cfg: ConfigDict, pm: Frozen) -> ppo.PPOConfig:
-    fields = {f.name for f in dataclasses.fields(ppo.PPOConfig)}
-    kw = {k: v for k, v in cfg.ppo.to_dict().items() if k in fields}
+    kw = dict(cfg.ppo.to_dict())
     if cfg.normalize_scores:  # r ← (r − mean) / std over the PM's held-out scores
         kw["score_shift"] = pm.meta["scores"]["mean"]
         kw["score_scale"] = pm.meta["scores"]["std"]
@@ -140,9 +140,10 @@ def ppo_config(cfg: ConfigDict, pm: Frozen) -> ppo.PPOConfig:
 
 
 def optimizers(cfg: ConfigDict):
-    opt = lambda lr: make_optimizer(ConfigDict({**cfg.optim.to_dict(), "lr": lr}),  # noqa
-                                    cfg.iterations * cfg.ppo.epochs * cfg.ppo.minibatches)
-    return opt(cfg.base_lr * cfg.lr_ratio), opt(cfg.base_lr * cfg.value_lr_ratio)
+    """(policy, value) optimizers: `optim` at base_lr × lr_ratio / value_lr_ratio."""
+    steps = cfg.iterations * cfg.ppo.epochs * cfg.ppo.minibatches
+    return (make_optimizer(cfg.optim, steps, lr=cfg.base_lr * cfg.lr_ratio),
+            make_optimizer(cfg.optim, steps, lr=cfg.base_lr * cfg.value_lr_ratio))
 
 
 def _prompt_batch(n: int, batch: int, seed: int, it: int) -> np.ndarray:
@@ -165,19 +166,77 @@ def _evaluate(fns, st, ref_params, pm, test_pm, ev_tokens, ev_masks, cfg, it,
     return m, out
 
 
-def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
-    """Runs PPO into `stage_dir`; resumes bitwise (state, KL controller, data position)."""
-    import time
+class Iterations:
+    """PPO as `trainer.train_loop`'s steps: `batch(t)` is iteration t's prompts (this
+    process's rows), `step` runs the iteration; around it, on the host, the KL controller
+    (it reads each iteration's KL: every iteration syncs), the phase timing, and the
+    held-out evaluations with their sample files."""
 
-    os.makedirs(stage_dir, exist_ok=True)
-    mesh = sharding.make_mesh(cfg.mesh)
-    policy, pm, test_pm, tok = load_models(cfg, mesh)
-    prompts = load_prompts(cfg.data, "train")
-    ev_prompts = load_prompts(cfg.data, "heldout")[:cfg.eval_prompts]
-    q = cfg.prompt_len
-    ev_tokens, ev_masks = encode_prompts(tok, ev_prompts, q)
-    stops = stage_stops(cfg, tok, policy.cfg.vocab_size, mesh)
-    pcfg = ppo_config(cfg, pm)
+    def __init__(self, cfg: ConfigDict, stage_dir: str, models: tuple, fns: dict,
+                 kl: ppo.KLController, stops):
+        self.cfg, self.stage_dir, self.fns, self.kl, self.stops = cfg, stage_dir, fns, kl, stops
+        self.policy, self.pm, self.test_pm, self.tok = models
+        self.prompts = load_prompts(cfg.data, "train")
+        self.ev_prompts = load_prompts(cfg.data, "heldout")[:cfg.eval_prompts]
+        self.ev_tokens, self.ev_masks = encode_prompts(self.tok, self.ev_prompts, cfg.prompt_len)
+        self.evals: list[dict] = []
+        self.it = 0
+        self.timing = {"rollout": 0.0, "score": 0.0, "update": 0.0, "iteration": 0.0, "n": 0,
+                       "n_split": 0}
+        self._marks: list[float] = []
+
+    def batch(self, it: int) -> dict:
+        self.it = it
+        cfg = self.cfg
+        idx = _prompt_batch(len(self.prompts), cfg.batch_size, cfg.seed, it)
+        idx = np.array_split(idx, jax.process_count())[jax.process_index()]
+        tokens, masks = encode_prompts(self.tok, [self.prompts[i] for i in idx], cfg.prompt_len)
+        return {"prompts_BxQ": tokens, "masks_BxQ": masks}
+
+    def _mark(self, phase, out) -> None:
+        jax.block_until_ready(out)
+        self._marks.append(time.time())
+
+    def step(self, st: ppo.PPOState, batch: dict) -> tuple[ppo.PPOState, dict]:
+        """One iteration, dispatched without a host sync until its metrics are read; a
+        logged iteration also syncs at each phase boundary for the time split."""
+        split = (self.it + 1) % self.cfg.log_every == 0
+        self._marks[:] = [time.time()]
+        st, m = run_iteration(self.fns, st, self.policy.params, self.pm.params,
+                              batch["prompts_BxQ"], batch["masks_BxQ"],
+                              jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), self.it),
+                              self.kl.value, self._mark if split else None, self.stops)
+        m = metrics.to_python(m)
+        m["time/iteration"] = time.time() - self._marks[0]
+        self.timing["iteration"] += m["time/iteration"]
+        self.timing["n"] += 1
+        if split:
+            self.timing["n_split"] += 1
+            for k, dt in zip(("rollout", "score", "update"), np.diff(self._marks), strict=True):
+                self.timing[k] += float(dt)
+                m[f"time/{k}"] = float(dt)
+        self.kl.update(m["objective/kl"], self.cfg.batch_size)
+        return st, m
+
+    def evaluate(self, st: ppo.PPOState, it: int) -> dict:
+        m, out = _evaluate(self.fns, st, self.policy.params, self.pm, self.test_pm,
+                           self.ev_tokens, self.ev_masks, self.cfg, it, self.stops)
+        self.evals.append(m)
+        write_samples(os.path.join(self.stage_dir, f"samples_{it}.jsonl"), self.tok,
+                      self.ev_prompts, out)
+        return m
+
+    def data_state(self, it: int) -> dict:
+        return {"iteration": it, "kl": self.kl.state(), "evals": self.evals}
+
+    def describe(self, m: dict) -> str:
+        return (f"score {m['objective/score']:.3f} kl {m['objective/kl']:.3f} "
+                f"({m['time/iteration']:.2f}s)")
+
+
+def initial_state(cfg: ConfigDict, pcfg: ppo.PPOConfig, policy: Frozen, pm: Frozen, mesh):
+    """PPOState: the policy from π0, the value model from the PM (`value_params_from_pm`);
+    and the (policy, value) optimizers."""
     policy_opt, value_opt = optimizers(cfg)
     pol, _ = train_state(jax.tree_util.tree_map(jnp.copy, policy.params), policy_opt, mesh)
     val, _ = train_state(value_params_from_pm(pm, cfg.value_head_init, pcfg.score_shift,
@@ -185,78 +244,46 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     # the key placed like the update's output, so its jit sees one layout and compiles once
     st = ppo.PPOState(policy=pol, value=val, rng=jax.device_put(jax.random.PRNGKey(cfg.seed),
                                                                 sharding.replicated(mesh)))
-    kl = ppo.KLController(pcfg.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+    return st, policy_opt, value_opt
+
+
+def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
+    """Runs PPO into `stage_dir`; resumes bitwise (state, KL controller, data position)."""
+    os.makedirs(stage_dir, exist_ok=True)
+    mesh = sharding.make_mesh(cfg.mesh)
+    policy, pm, test_pm, tok = load_models(cfg, mesh)
+    stops = stage_stops(cfg, tok, policy.cfg.vocab_size, mesh)
+    pcfg = ppo_config(cfg, pm)
+    st, policy_opt, value_opt = initial_state(cfg, pcfg, policy, pm, mesh)
+    kl = ppo.KLController(pcfg.kl_coef, pcfg.kl_target, pcfg.kl_horizon)
     ckpts = checkpoint.StageCheckpoints(os.path.join(stage_dir, "checkpoints"))
-    start, evals = 0, []
-    if ckpts.latest_step() is not None:
-        target = checkpoint.abstract_with_shardings(
-            jax.eval_shape(lambda: st), jax.tree_util.tree_map(lambda x: x.sharding, st))
-        st, ds = ckpts.restore(target)
-        start, evals = ds["iteration"], ds["evals"]
-        kl.load(ds["kl"])
-    fns = make_fns(cfg, pcfg, policy, pm, test_pm, tok, policy_opt, value_opt, q)
+    st, ds = trainer.restore_latest(ckpts, st)
+    fns = make_fns(cfg, pcfg, policy, pm, test_pm, tok, policy_opt, value_opt, cfg.prompt_len)
     fns["update"] = fns["update"](jax.tree_util.tree_map(lambda x: x.sharding, st))
+    loop = Iterations(cfg, stage_dir, (policy, pm, test_pm, tok), fns, kl, stops)
+    start = 0 if ds is None else ds["iteration"]
+    if ds is not None:
+        loop.evals = ds["evals"]
+        kl.load(ds["kl"])
     writer = metrics.MetricsWriter(stage_dir)
-    print(f"[ppo] {len(prompts)} train prompts, {len(ev_prompts)} held-out, {cfg.iterations} "
-          f"iterations of {cfg.batch_size}; from iteration {start}", flush=True)
-    # Iterations run without a host sync until the metrics are read (the KL controller needs
-    # them); logged iterations also sync at each phase boundary for the time split.
-    timing = {"rollout": 0.0, "score": 0.0, "update": 0.0, "iteration": 0.0, "n": 0,
-              "n_split": 0}
-    marks = []
-
-    def mark(phase, out):
-        jax.block_until_ready(out)
-        marks.append(time.time())
-
+    print(f"[ppo] {len(loop.prompts)} train prompts, {len(loop.ev_prompts)} held-out, "
+          f"{cfg.iterations} iterations of {cfg.batch_size}; from iteration {start}", flush=True)
     try:
         with sharding.activate(mesh):
-            if start == 0:
-                m, out = _evaluate(fns, st, policy.params, pm, test_pm, ev_tokens, ev_masks, cfg, 0,
-                                   stops)
-                evals.append(m)
-                write_samples(os.path.join(stage_dir, "samples_0.jsonl"), tok, ev_prompts, out)
-            for it in range(start, cfg.iterations):
-                idx = _prompt_batch(len(prompts), cfg.batch_size, cfg.seed, it)
-                tokens, masks = encode_prompts(tok, [prompts[i] for i in idx], q)
-                split = (it + 1) % cfg.log_every == 0
-                marks[:] = [time.time()]
-                st, m = run_iteration(fns, st, policy.params, pm.params, tokens, masks,
-                                      jax.random.fold_in(jax.random.PRNGKey(cfg.seed), it),
-                                      kl.value, mark if split else None, stops)
-                m = metrics.to_python(m)
-                m["time/iteration"] = time.time() - marks[0]
-                timing["iteration"] += m["time/iteration"]
-                timing["n"] += 1
-                if split:
-                    timing["n_split"] += 1
-                    for k, dt in zip(("rollout", "score", "update"), np.diff(marks), strict=True):
-                        timing[k] += float(dt)
-                        m[f"time/{k}"] = float(dt)
-                metrics.check_finite(m, it + 1, "ppo")
-                kl.update(m["objective/kl"], cfg.batch_size)
-                writer.write(it + 1, m)
-                if (it + 1) % cfg.log_every == 0:
-                    print(f"[ppo] iteration {it + 1}/{cfg.iterations} score "
-                          f"{m['objective/score']:.3f} kl {m['objective/kl']:.3f} "
-                          f"({m['time/iteration']:.2f}s)", flush=True)
-                if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
-                    em, out = _evaluate(fns, st, policy.params, pm, test_pm, ev_tokens, ev_masks,
-                                        cfg, it + 1, stops)
-                    evals.append(em)
-                    writer.write(it + 1, em)
-                    write_samples(os.path.join(stage_dir, f"samples_{it + 1}.jsonl"), tok,
-                                  ev_prompts, out)
-                if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iterations:
-                    ckpts.save(it + 1, st, {"iteration": it + 1, "kl": kl.state(),
-                                            "evals": evals})
+            if start == 0:  # π0's held-out numbers: the first point of every curve
+                loop.evaluate(st, 0)
+            st = trainer.train_loop("ppo", cfg, st, loop.step, loop.batch, loop.data_state,
+                                    ckpts, writer, mesh, cfg.iterations, loop.evaluate,
+                                    start=start, every_step=True, describe=loop.describe)
+            if loop.evals[-1]["iteration"] != cfg.iterations:  # the final policy's
+                writer.write(cfg.iterations, loop.evaluate(st, cfg.iterations))
     finally:
         ckpts.close()
     writer.close()
-    return _finish(cfg, stage_dir, st, policy, evals, timing)
+    return _finish(cfg, pcfg, stage_dir, st, policy, loop.evals, loop.timing)
 
 
-def _finish(cfg, stage_dir, st, policy, evals, timing) -> dict:
+def _finish(cfg, pcfg, stage_dir, st, policy, evals, timing) -> dict:
     export_dir = os.path.join(stage_dir, "params")
     checkpoint.export_params(export_dir, st.policy.params, {
         "stage": "ppo", "model": dataclasses.asdict(policy.cfg),
@@ -268,8 +295,7 @@ def _finish(cfg, stage_dir, st, policy, evals, timing) -> dict:
     summary = {"initial": evals[0], "final": evals[-1], "evals": evals, "sqrt_kl_fit": fit,
                "time_share": {k: timing[k] / split_total for k in phases},
                "seconds_per_iteration": timing["iteration"] / max(timing["n"], 1),
-               "eval_setup": eval_setup(cfg, cfg.ppo.get("temperature",
-                                                         ppo.PPOConfig.temperature))}
+               "eval_setup": eval_setup(cfg, pcfg.temperature)}
     plot_sqrt_kl(evals, fit, key, os.path.join(stage_dir, "sqrt_kl.png"))
     metrics.write_summary(stage_dir, summary)
     f, i = evals[-1], evals[0]
