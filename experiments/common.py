@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Sequence
 
 from ml_collections import ConfigDict
+
+from hh_jax.ppo import PPOConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_DIR = os.path.join(REPO, "data", "hh-rlhf")
@@ -18,16 +21,39 @@ HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-reject
 # multi-token EOS, never part of the PM's input (hh_jax/ppo.py).
 HH_STOP = ("\n\nHuman:",)
 
+# Learning rates: the LM stage's peak LR, and every later stage's as a ratio of it (each
+# stage trains at base_lr × lr_ratio; `tie_lrs` makes base_lr follow lm.optim.lr).
+LM_LR = 3e-3
+LR_RATIOS = {"pmp": 0.1, "pm": 0.01,  # PAPER.md §3
+             "distill": 0.05,  # PAPER.md §5 [P A.1]: 0.05× the pretraining LR
+             "ppo": 0.01, "value": 0.01}  # PAPER.md §5: 0.01× (policy and value model)
+
 # Nested data fractions for scaling sweeps (a smaller one is a subset of every larger one).
 DATA_FRACTIONS = (1 / 64, 1 / 16, 1 / 4, 1.0)
 PAPER_SIZES = ("13M", "42M", "197M", "810M", "2.7B", "13B", "52B")
 
 
-def optim_config(lr: float, warmup_steps: int, schedule: str = "cosine",
-                 weight_decay: float = 0.01) -> ConfigDict:
-    return ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, schedule=schedule,
-                           lr_min_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay,
-                           grad_clip=1.0))
+def optim_config(warmup_steps: int, schedule: str = "cosine", weight_decay: float = 0.01,
+                 **extra) -> ConfigDict:
+    """AdamW and its schedule (hh_jax/optim.py). The peak LR: `lr` in the LM stage's (pass
+    lr=...); base_lr × lr_ratio beside it in the later stages'."""
+    return ConfigDict(dict(warmup_steps=warmup_steps, schedule=schedule, lr_min_ratio=0.1,
+                           b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay, grad_clip=1.0,
+                           **extra))
+
+
+def tie_lrs(c: ConfigDict) -> ConfigDict:
+    """Makes every stage's `base_lr` follow `lm.optim.lr` (a lazy reference), so an
+    override or a sweep of the LM's LR keeps the ratios (LR_RATIOS). Only stages whose
+    base_lr equals the LM's LR are tied: one set to another value keeps it, and so does
+    every stage of a config without an `lm` stage config. Later setting a stage's base_lr
+    cuts its link only."""
+    if "lm" not in c:
+        return c
+    for name, stage in c.items():
+        if isinstance(stage, ConfigDict) and stage.get("base_lr") == c.lm.optim.lr:
+            c[name].base_lr = c.lm.optim.get_ref("lr").identity()
+    return c
 
 
 def lm_config(**overrides) -> ConfigDict:
@@ -50,15 +76,16 @@ def lm_config(**overrides) -> ConfigDict:
         seed=0,
         init_from="",
         resume="",
-        optim=optim_config(lr=3e-3, warmup_steps=15),
+        optim=optim_config(warmup_steps=15, lr=LM_LR),
     ))
     c.update(overrides)
     return c
 
 
 def pm_config(stage: str = "pm", **overrides) -> ConfigDict:
-    """A `pmp` (StackExchange) or `pm` (HH comparisons) stage. LRs are ratios of the LM's
-    base LR (PAPER.md §3: 0.1× for PMP, 0.01× for finetuning), one epoch, constant LR."""
+    """A `pmp` (StackExchange) or `pm` (HH comparisons) stage: LR base_lr × lr_ratio
+    (LR_RATIOS, PAPER.md §3: 0.1× the LM's for PMP, 0.01× for finetuning), one epoch,
+    constant LR."""
     c = ConfigDict(dict(
         stage=stage,
         model="6M",  # used only without init_from
@@ -78,8 +105,8 @@ def pm_config(stage: str = "pm", **overrides) -> ConfigDict:
         batch_size=16,
         eval_batch_size=32,
         epochs=1,
-        base_lr=3e-3,
-        lr_ratio=0.1 if stage == "pmp" else 0.01,
+        base_lr=LM_LR,
+        lr_ratio=LR_RATIOS[stage],
         harmless_weight=1.0,
         lm_coef=0.0,
         log_every=25,
@@ -87,10 +114,17 @@ def pm_config(stage: str = "pm", **overrides) -> ConfigDict:
         ckpt_every=100,
         mesh=(-1, 1, 1),
         seed=0,
-        optim=optim_config(lr=3e-4, warmup_steps=10, schedule="constant"),
+        optim=optim_config(warmup_steps=10, schedule="constant"),
     ))
     c.update(overrides)
     return c
+
+
+def ppo_fields() -> ConfigDict:
+    """The PPO choices (hh_jax.ppo.PPOConfig, whose defaults are the paper's where it gives
+    one), but the score normalisation the stage reads from the PM."""
+    return ConfigDict({f.name: f.default for f in dataclasses.fields(PPOConfig)
+                       if f.name not in ("score_shift", "score_scale")})
 
 
 def ppo_config(**overrides) -> ConfigDict:
@@ -111,20 +145,17 @@ def ppo_config(**overrides) -> ConfigDict:
         eval_every=10,
         log_every=5,
         ckpt_every=10,
-        base_lr=3e-3,
-        lr_ratio=0.01,  # PAPER.md §5: 0.01× the pretraining LR
-        value_lr_ratio=0.01,
+        base_lr=LM_LR,
+        lr_ratio=LR_RATIOS["ppo"],
+        value_lr_ratio=LR_RATIOS["value"],
         value_head_init="pm",  # value model = PM backbone (+ its head, or "zero")
         normalize_scores=True,  # r ← (r − mean)/std of the PM's held-out scores
         mesh=(-1, 1, 1),
         seed=0,
-        ppo=ConfigDict(dict(kl_coef=0.001, kl_target=None, kl_horizon=10_000, clip=0.2,
-                            value_clip=0.2, gamma=1.0, lam=0.95, epochs=1, minibatches=1,
-                            value_coef=1.0, whiten_advantages=True, missing_eos_score=None,
-                            temperature=1.0, reuse_sampler_logprobs=None)),
+        ppo=ppo_fields(),
         # Adam without weight decay (LMHP): decay would pull the policy towards 0, a drift
         # from π0 that the KL penalty does not see
-        optim=optim_config(lr=3e-5, warmup_steps=0, schedule="constant", weight_decay=0.0),
+        optim=optim_config(warmup_steps=0, schedule="constant", weight_decay=0.0),
     ))
     c.update(overrides)
     return c
@@ -146,14 +177,14 @@ def distill_config(**overrides) -> ConfigDict:
         steps=100,
         eval_tokens=16_384,
         top_k=50,
-        base_lr=3e-3,
-        lr_ratio=0.05,
+        base_lr=LM_LR,
+        lr_ratio=LR_RATIOS["distill"],
         log_every=25,
         eval_every=50,
         ckpt_every=50,
         mesh=(-1, 1, 1),
         seed=0,
-        optim=optim_config(lr=1.5e-4, warmup_steps=0, schedule="linear"),
+        optim=optim_config(warmup_steps=0, schedule="linear"),
     ))
     c.optim.lr_min_ratio = 0.0  # decayed linearly to 0
     c.update(overrides)
@@ -175,7 +206,7 @@ def bon_config(**overrides) -> ConfigDict:
         response_len=32,
         stop_strings=HH_STOP,
         batch_size=64,
-        temperature=1.0,
+        temperature=PPOConfig.temperature,  # as PPO samples: the two compare at equal KL
         mesh=(-1, 1, 1),
         seed=0,
     ))

@@ -24,7 +24,7 @@ Expected: held-out HH accuracy near the paper's 52B static PM (≈ 0.72 on the m
 PAPER.md §4) only with a strong pretrained 52B LM in init_from.
 """
 
-from common import lm_config, pm_config
+from common import lm_config, pm_config, tie_lrs
 from ml_collections import ConfigDict
 
 MESH = (1, 16, 4)  # 64 devices: FSDP over 16, tensor parallel over 4 (heads / ffw / vocab)
@@ -39,15 +39,16 @@ def get_config(arg: str = "") -> ConfigDict:
     c.pm = pm_config("pm")
     for stage in (c.pmp, c.pm):
         stage.model_overrides = ConfigDict(MODEL)
-        stage.update(max_len=1024, batch_size=64, eval_batch_size=128, epochs=1,
-                     base_lr=PRETRAIN_LR, mesh=MESH, log_every=10, ckpt_every=50)
+        stage.update(max_len=1024, batch_size=64, eval_batch_size=128, epochs=1, mesh=MESH,
+                     log_every=10, ckpt_every=50)
         stage.optim.schedule, stage.optim.warmup_steps = "constant", 10
-    c.pmp.lr_ratio, c.pm.lr_ratio = 0.1, 0.01
     # Our own 52B LM stage at the paper's 8192 context is configured but not run: the paper
     # pretrained on 400B tokens, we ship only the HH dialogues. To chain it anyway:
     # --config.stages="('lm','pmp','pm')" --config.pmp.init_from='{workdir}/lm/params'
     c.lm = lm_config(model="52B", seq_len=8192, batch_size=64, mesh=MESH)
     c.lm.model_overrides = ConfigDict(MODEL)
+    tie_lrs(c)
+    c.lm.optim.lr = PRETRAIN_LR  # PMP and PM train at 0.1× and 0.01× of it
     if arg == "v4":  # v4 chips have 32 GB: more FSDP, same 64 devices
         for stage in (c.lm, c.pmp, c.pm):
             stage.mesh = (1, 32, 2)

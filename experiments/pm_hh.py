@@ -13,7 +13,7 @@ BENCHMARKS.md for the measured numbers. With arg "smollm2" the backbone is SmolL
 Sweep: model size × nested data fraction × with/without PMP (sizes above 6M need a GPU/TPU).
 """
 
-from common import DATA_FRACTIONS, lm_config, pm_config
+from common import DATA_FRACTIONS, lm_config, pm_config, tie_lrs
 from ml_collections import ConfigDict
 
 
@@ -31,7 +31,7 @@ def get_config(arg: str = "") -> ConfigDict:
         c.pm.model_overrides = ConfigDict({"dtype": "bfloat16"})
     elif arg:
         raise ValueError(f"unknown arg {arg!r}: expected '' or 'smollm2'")
-    return c
+    return tie_lrs(c)
 
 
 def sweep(add, arg: str = ""):

@@ -20,7 +20,7 @@ models are far smaller and trained on ~5k pairs, so a is lower and the CPU sizes
 chance; `hh-jax report` prints our a, b, c next to the paper's.
 """
 
-from common import DATA_FRACTIONS, add_grid, lm_config, pm_config
+from common import DATA_FRACTIONS, add_grid, lm_config, pm_config, tie_lrs
 from ml_collections import ConfigDict
 
 HELPFUL = ("helpful-base", "helpful-online", "helpful-rejection-sampled")  # eq. A.1's data
@@ -50,7 +50,7 @@ def get_config(arg: str = "") -> ConfigDict:
         c.lm.update(seq_len=1024, batch_size=64, steps=2000, eval_every=500, ckpt_every=500)
         for stage in (c.pmp, c.pm):  # PAPER.md §2: PM context 1024
             stage.max_len, stage.model_overrides.max_len, stage.batch_size = 1024, 1024, 32
-    return c
+    return tie_lrs(c)
 
 
 def sweep(add, arg: str = ""):

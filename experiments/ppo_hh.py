@@ -26,7 +26,15 @@ at smaller KL, and best-of-n at the same KL is the reference PPO is compared wit
 CPU sizes the PMs are near chance, so the PM scores measure the mechanics, not helpfulness.
 """
 
-from common import add_grid, bon_config, distill_config, lm_config, pm_config, ppo_config
+from common import (
+    add_grid,
+    bon_config,
+    distill_config,
+    lm_config,
+    pm_config,
+    ppo_config,
+    tie_lrs,
+)
 from ml_collections import ConfigDict
 
 SWEEPS = {"": (("13M", "42M", "197M"), (0.001, 0.01, 0.1)),
@@ -74,7 +82,7 @@ def get_config(arg: str = "") -> ConfigDict:
         c.ppo.update(prompt_len=256, response_len=128, batch_size=64, iterations=500,
                      eval_every=50, eval_prompts=256, ckpt_every=50)
         c.bon.update(prompt_len=256, response_len=128, eval_prompts=256, batch_size=64)
-    return c
+    return tie_lrs(c)
 
 
 def sweep(add, arg: str = ""):

@@ -13,7 +13,7 @@ Arg: "tiny" shrinks everything to the "test" model for a seconds-long check.
 
 import os
 
-from common import REPO, bon_config, distill_config, lm_config, pm_config, ppo_config
+from common import REPO, bon_config, distill_config, lm_config, pm_config, ppo_config, tie_lrs
 from ml_collections import ConfigDict
 
 SHORT_PROMPT = os.path.join(REPO, "hh_jax", "data", "prompts", "hhh_prompt_short.txt")
@@ -64,7 +64,7 @@ def get_config(arg: str = "") -> ConfigDict:
             stage.log_every = 4
     elif arg:
         raise ValueError(f"unknown arg {arg!r}: expected '' or 'tiny'")
-    return c
+    return tie_lrs(c)
 
 
 def sweep(add, arg: str = ""):

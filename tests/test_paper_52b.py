@@ -10,8 +10,8 @@ import numpy as np
 from jax.sharding import AbstractMesh
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, experiment, sharding, state
-from hh_jax.model import SIZES, ScalarHead, Transformer
+from hh_jax import checkpoint, experiment, reward, sharding, state
+from hh_jax.model import SIZES, Transformer
 from hh_jax.optim import make_optimizer
 from hh_jax.stages import pm
 
@@ -30,12 +30,9 @@ def _expected_params(m) -> int:
 
 def _abstract_state(stage: ConfigDict, mesh):
     mcfg = SIZES[stage.model].replace(**stage.model_overrides.to_dict())
-    model, head = Transformer(mcfg), ScalarHead(mcfg.d_model, use_bias=False)
-    boxed = lambda: {"backbone": model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)),  # noqa
-                     "head": head.init(jax.random.key(1), jnp.zeros((2, mcfg.d_model)))}
-    opt = make_optimizer(ConfigDict({**stage.optim.to_dict(),
-                                     "lr": stage.base_lr * stage.lr_ratio}), 1000)
-    abstract, p_sh = state.param_shardings(boxed, mesh)
+    model = Transformer(mcfg)
+    opt = make_optimizer(stage.optim, 1000, lr=stage.base_lr * stage.lr_ratio)
+    abstract, p_sh = state.param_shardings(reward.pm_init(model), mesh)
     st_sh = state.state_shardings(p_sh, opt, abstract, mesh)
     target = checkpoint.abstract_with_shardings(state.abstract_state(abstract, opt), st_sh)
     return mcfg, model, opt, target, st_sh
@@ -52,6 +49,7 @@ def test_52b_sharded_abstract_state(eight_devices):
     stage = config.pmp
     assert (stage.max_len, config.pm.max_len) == (1024, 1024)  # PAPER.md §2: PM context 1024
     assert (stage.lr_ratio, config.pm.lr_ratio) == (0.1, 0.01)  # PAPER.md §3: × pretrain LR
+    assert stage.base_lr == config.pm.base_lr == config.lm.optim.lr == 8e-5
     assert stage.model_overrides.remat and stage.model_overrides.dtype == "bfloat16"
     mesh = sharding.make_mesh((1, 8, 1), eight_devices)
     mcfg, model, opt, target, st_sh = _abstract_state(stage, mesh)
