@@ -45,7 +45,9 @@ def pair_key(comp) -> str:
 
 def model_id(cfg: ModelConfig, params) -> str:
     """Which trunk produced a cache: the config and a digest of every layer's weights."""
-    h = hashlib.sha256(repr(cfg.replace(dtype="float32")).encode())
+    arch = (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
+            cfg.k, cfg.rope_theta, cfg.tie_embeddings, cfg.norm_eps)  # not max_len, dtype
+    h = hashlib.sha256(repr(arch).encode())
     for leaf in jax.tree_util.tree_leaves(params["params"]["layers"]):
         h.update(np.asarray(jax.device_get(leaf[:, :2]), np.float32).tobytes())
     return h.hexdigest()[:24]

@@ -95,6 +95,10 @@ def test_find_or_build_reuses_a_superset_cache(tmp_path):
     c2, rows2 = pm_cache.find_or_build(str(tmp_path), "sub", sub, tok, CFG, p, max_len=64,
                                        n_frozen=1)
     assert list(rows2) == [4, 1] and not os.path.exists(tmp_path / "sub")
+    # a stage's max_len / dtype overrides do not change the trunk: the cache is reused
+    _, rows_o = pm_cache.find_or_build(str(tmp_path), "sub", sub, tok, CFG.replace(
+        max_len=64, dtype="bfloat16"), p, max_len=64, n_frozen=1)
+    assert list(rows_o) == [4, 1] and not os.path.exists(tmp_path / "sub")
     # other weights: not reused
     other = _pm_params(seed=5)["backbone"]
     _, rows3 = pm_cache.find_or_build(str(tmp_path), "other", sub, tok, CFG, other, max_len=64,
