@@ -37,16 +37,17 @@ def _sample(args, _) -> int:
 
 
 def _eval(args, _) -> int:
-    if args.what != "pm":  # hhh, mc, ood, elo: hh_jax/evals/cli.py
-        from hh_jax.evals import cli
+    from hh_jax.evals import cli
 
+    if args.what != "pm":  # hhh, mc, ood, elo: hh_jax/evals/cli.py
         cli.run(args)
         return 0
     from hh_jax.evals import pm_accuracy
 
     if not (args.params and args.data):
         raise SystemExit("hh-jax eval pm: needs --params and --data")
-    pm_accuracy.eval_export(args.params, args.data, args.out or "pm_eval",
+    out = args.out or cli.default_out("pm", [args.params])
+    pm_accuracy.eval_export(args.params, args.data, out,
                             skip_invalid=args.skip_invalid, batch_size=args.batch_size or 32)
     return 0
 
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--params", help="pm: a pm/pmp stage's params export")
     ev.add_argument("--data", nargs="+", help="pm: HH-format jsonl(.gz) files")
     ev.add_argument("--out", help="where summary.json and the plots go (default: "
-                    "pm_eval for pm, eval_<what> otherwise)")
+                    "WORKDIR/evals/<what>_<stage> for a run's WORKDIR/<stage>/params, where "
+                    "`hh-jax report WORKDIR` shows it; else pm_eval for pm, eval_<what>)")
     ev.add_argument("--batch-size", type=int, help="rows per batch (pm: 32, others: 8)")
     ev.add_argument("--skip-invalid", action="store_true", help="pm: count bad rows, go on")
     eval_cli.add_arguments(ev)

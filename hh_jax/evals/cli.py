@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 WHAT = ("hhh", "mc", "ood", "elo")
 
@@ -34,6 +35,33 @@ def add_arguments(ev: argparse.ArgumentParser) -> None:
     g.add_argument("--n-boot", type=int, default=200, help="elo: bootstrap resamples")
 
 
+def run_stage(spec: str | None) -> tuple[str, str] | None:
+    """(run workdir, stage) when `spec` is a run's export `<workdir>/<stage>/params` (a
+    config.json in <workdir>), else None."""
+    if not spec:
+        return None
+    params = os.path.abspath(spec)
+    stage_dir = os.path.dirname(params)
+    workdir = os.path.dirname(stage_dir)
+    if os.path.basename(params) != "params" or not os.path.exists(
+            os.path.join(workdir, "config.json")):
+        return None
+    return workdir, os.path.basename(stage_dir)
+
+
+def default_out(what: str, specs: list[str | None]) -> str:
+    """Where `hh-jax eval <what>` writes without --out: `<workdir>/evals/<what>_<stage>` for
+    the first of `specs` (the evaluated exports, most telling first) that is a run's
+    export, so the run report (hh_jax/report/evaluations.py) shows it; else `eval_<what>` (`pm_eval`
+    for pm) in the current directory. Elo, which compares several policies, is `evals/elo`."""
+    for spec in specs:
+        found = run_stage(spec)
+        if found:
+            workdir, stage = found
+            return os.path.join(workdir, "evals", "elo" if what == "elo" else f"{what}_{stage}")
+    return "pm_eval" if what == "pm" else f"eval_{what}"
+
+
 def _need(args, *names: str) -> None:
     missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n, None)]
     if missing:
@@ -42,7 +70,8 @@ def _need(args, *names: str) -> None:
 
 def run(args) -> dict:
     """Dispatches `hh-jax eval <what>`; each writes summary.json, prints a table, plots."""
-    out = args.out or f"eval_{args.what}"
+    policies = [(p.partition("=")[2] or p).partition("@bon:")[0] for p in args.policy]
+    out = args.out or default_out(args.what, [args.model, args.pm, *policies])
     batch = args.batch_size or 8
     if args.what == "hhh":
         if not (args.model or args.pm):

@@ -70,17 +70,26 @@ class Page:
         """Saves the PNG beside the report and embeds the same bytes in the HTML."""
         import matplotlib.pyplot as plt
 
-        self.n_figures += 1
-        fname = f"{self.n_figures:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
         buf = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
+        self._embed(buf.getvalue(), name, caption)
+
+    def image(self, path: str, caption: str) -> None:
+        """An existing PNG (e.g. an evaluator's plot): copied beside the report, embedded."""
+        with open(path, "rb") as f:
+            png = f.read()
+        self._embed(png, os.path.splitext(os.path.basename(path))[0], caption)
+
+    def _embed(self, png: bytes, name: str, caption: str) -> None:
+        self.n_figures += 1
+        fname = f"{self.n_figures:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
         files = os.path.join(self.out_dir, "report_files")
         os.makedirs(files, exist_ok=True)
         with open(os.path.join(files, fname), "wb") as f:
-            f.write(buf.getvalue())
-        data = base64.b64encode(buf.getvalue()).decode("ascii")
+            f.write(png)
+        data = base64.b64encode(png).decode("ascii")
         self.html.append(f'<figure><img alt="{html.escape(caption)}" '
                          f'src="data:image/png;base64,{data}"><figcaption>'
                          f"{html.escape(caption)}</figcaption></figure>")

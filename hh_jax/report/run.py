@@ -12,6 +12,7 @@ follows its kind (`config.<stage>.stage`, else its name):
                  and after RLHF from the first and last `samples_<iteration>.jsonl`
   bon            hh_jax.stages.bon's rows: train- and judge-PM score of best-of-n against n and
                  against √KL (KL = log n − (n−1)/n), beside PPO's held-out scores
+Then one section per evaluation under `WORKDIR/evals/` (report/evaluations.py).
 A sweep root (`sweep.json`, or member dirs without a config.json of its own) gets the
 sweep report (report/sweep.py) instead.
 """
@@ -28,6 +29,7 @@ import numpy as np
 
 from hh_jax.evals import fits
 from hh_jax.metrics import pyplot
+from hh_jax.report.evaluations import evaluation_sections
 from hh_jax.report.page import COLORS, Page, fmt
 
 
@@ -352,5 +354,6 @@ def run_report(page: Page, workdir: str) -> None:
         if scalars:
             page.pre(f"{name}: summary.json scalars", "\n".join(f"{k} = {fmt(v)}"
                                                                  for k, v in scalars))
+    evaluation_sections(page, workdir)
     if config:
         page.pre("config.json", json.dumps(config, indent=1, sort_keys=True))
