@@ -13,13 +13,14 @@ the PM's trunk as value model) → bon (best-of-n from π0, n ≤ 16, beside PPO
 Text format: HH's own ("\\n\\nHuman: … \\n\\nAssistant: …") for the PMs and the policy alike,
 so the PM scores exactly what the policy writes; responses stop at EOS or at "\\n\\nHuman:".
 
-- cpu: the PMs finetune the top 4 of the 30 layers over a frozen trunk whose activations
-  are computed once per pair (stage kind pm_frozen, hh_jax/pm_cache.py: ~45 min for the
-  8,488 pairs at ≤ 256 tokens a response view on 2 cores, shared by both PMs through
-  `cache_dir`); each epoch then runs 4 layers. The judge's pairs are a subset of the
-  reward PM's, so it is not an independent judge (the paper's protocol trains them on
-  disjoint halves: `--config.pm.data.half=a`). Linear probes of every few layers of the
-  frozen model go beside the PM (probes.png). Runtime: about 2 hours on 2 CPU cores.
+- cpu: the PMs finetune the top 2 of the 30 layers over a frozen trunk whose activations
+  are computed once per pair (stage kind pm_frozen, hh_jax/pm_cache.py: ~85 min for the
+  8,488 pairs at ≤ 256 tokens a response view on 2 busy cores, shared by both PMs through
+  `cache_dir`); each epoch then runs 2 layers, the last one only at the read tokens.
+  The judge's pairs are a subset of the reward PM's, so it is not an independent judge
+  (the paper's protocol trains them on disjoint halves: `--config.pm.data.half=a`).
+  Linear probes of every few layers of the frozen model go beside the PM (probes.png).
+  Runtime: the cache about 85 minutes (once), then about 45 minutes on 2 CPU cores.
 - gpu: every layer finetuned (PAPER.md §3), bf16 compute, ≤ 512 tokens a view, 2 epochs,
   PPO at batch 64 with 128-token responses. bench/gpu_smollm2.sh runs it.
 - tiny: a handful of pairs and prompts; pm trains the top layer over the frozen trunk and
@@ -42,12 +43,12 @@ def _pm(half: str, **kw) -> ConfigDict:
 
 
 def _cpu(c: ConfigDict) -> None:
-    frozen = dict(frozen_layers=26, cache_dir="{workdir}/cache", max_len=256, batch_size=32,
+    frozen = dict(frozen_layers=28, cache_dir="{workdir}/cache", max_len=256, batch_size=32,
                   eval_batch_size=64, epochs=2, base_lr=3e-3, lr_ratio=0.03)
     c.pm = _pm("", **frozen)
     c.pm_test = _pm("b", **{**frozen, "epochs": 1})
     c.pm.stage = c.pm_test.stage = "pm_frozen"
-    c.pm.probe_layers = (1, 4, 8, 12, 16, 20, 24, 26, 28, 30)
+    c.pm.probe_layers = (1, 4, 8, 12, 16, 20, 24, 26, 28, 29, 30)
     c.bon = bon_config(policy_from="{workdir}/base/params", ns=(1, 2, 4, 8, 16),
                        eval_prompts=32, prompt_len=128, response_len=48, batch_size=64,
                        stop_strings=STOP)
@@ -55,7 +56,7 @@ def _cpu(c: ConfigDict) -> None:
     # policy 23 nats from π0 in 30 steps (BENCHMARKS.md)
     c.ppo = ppo_config(policy_from="{workdir}/base/params",
                        test_pm_from="{workdir}/pm_test/params", prompt_len=128,
-                       response_len=48, batch_size=16, iterations=24, eval_prompts=32,
+                       response_len=48, batch_size=16, iterations=16, eval_prompts=32,
                        eval_every=8, ckpt_every=8, log_every=1, base_lr=1e-3,
                        stop_strings=STOP)
     c.ppo.ppo.kl_coef = 0.02

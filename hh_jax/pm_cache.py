@@ -22,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 
@@ -187,3 +188,61 @@ def find_or_build(cache_dir: str, name: str, comps: Sequence, tok: Tokenizer, cf
                               f"set another cache_dir")
     build(out, comps, tok, cfg, params, max_len=max_len, n_frozen=n_frozen, **kw)
     return load(out), np.arange(len(comps), dtype=np.int64)
+
+
+def advance(src_dir: str, out_dir: str, cfg: ModelConfig, params, to_layer: int, *,
+            batch_tokens: int = 4096, log_every: int = 50) -> dict:
+    """A cache cut at `to_layer` from one cut lower: the layers in between run once over
+    the cached rows (no pass over the layers below again). Rows, keys and the per-layer
+    reads are the source's (hard-linked where the file system allows)."""
+    src = load(src_dir)
+    n0 = src["meta"]["n_frozen"]
+    if not n0 < to_layer < cfg.n_layers:
+        raise ValueError(f"to_layer must be in ({n0}, {cfg.n_layers}), got {to_layer}")
+    if src["meta"]["model_id"] != model_id(cfg, params):
+        raise ValueError(f"{src_dir}: cached from another trunk")
+    os.makedirs(out_dir, exist_ok=True)
+    for name in ("rows.npz", "reads_Px2xNxD.npy"):
+        dst = os.path.join(out_dir, name)
+        if not os.path.exists(dst):
+            try:
+                os.link(os.path.join(src_dir, name), dst)
+            except OSError:
+                shutil.copyfile(os.path.join(src_dir, name), dst)
+    x_in, d = src["x_TxD"], cfg.d_model
+    x_out = np.lib.format.open_memmap(os.path.join(out_dir, "x_TxD.npy"), "w+", np.float32,
+                                      x_in.shape)
+    stacked = trunk.layer_slice(params["params"]["layers"], n0, to_layer)
+
+    @jax.jit
+    def run(stacked, x, positions, branch):
+        mask = trunk.mask_for(positions, branch > 0, branch.astype(jnp.int32))
+        return trunk.run_layers(cfg, stacked, x, positions, mask)[0]
+
+    plan = plan_batches(src["lengths"], batch_tokens)
+    t0 = time.time()
+    for b, (length, rows) in enumerate(plan):
+        x = np.zeros((len(rows), length, d), np.float32)
+        positions = np.zeros((len(rows), length), np.int32)
+        branch = np.zeros((len(rows), length), np.int8)
+        for i, r in enumerate(rows):
+            s, n = int(src["offsets"][r]), int(src["lengths"][r])
+            x[i, :n], positions[i, :n] = x_in[s:s + n], src["positions"][s:s + n]
+            branch[i, :n] = src["branch"][s:s + n]
+        y = np.asarray(jax.device_get(run(stacked, x, positions, branch)))
+        if not np.isfinite(y).all():
+            raise FloatingPointError(f"non-finite activations in batch {b} of {out_dir}")
+        for i, r in enumerate(rows):
+            s, n = int(src["offsets"][r]), int(src["lengths"][r])
+            x_out[s:s + n] = y[i, :n]
+        if b % log_every == 0 or b == len(plan) - 1:
+            print(f"[pm_cache] {out_dir}: advanced batch {b + 1}/{len(plan)} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    x_out.flush()
+    meta = {**src["meta"], "n_frozen": to_layer, "advanced_from": src_dir,
+            "seconds": round(time.time() - t0, 1)}
+    meta.pop("tokens_per_s", None)
+    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    return meta

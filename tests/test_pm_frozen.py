@@ -172,3 +172,20 @@ def test_layer_probes_find_the_layer_that_holds_a_planted_preference():
     # the reference: the Bayes rule for this plant is "chosen − rejected along dim 3 > 0"
     bayes = (reads[400:, 0, 1, 3].astype(float) - reads[400:, 1, 1, 3]) > 0
     assert abs(acc[2]["accuracy"] - bayes.mean()) < 0.06
+
+
+def test_advancing_a_cache_equals_building_it_at_the_higher_cut(tmp_path):
+    comps, tok, p = _comps(5, seed=2), ByteTokenizer(), _pm_params(2)["backbone"]
+    pm_cache.build(str(tmp_path / "c1"), comps, tok, CFG, p, max_len=80, n_frozen=1,
+                   batch_tokens=256)
+    pm_cache.build(str(tmp_path / "c2"), comps, tok, CFG, p, max_len=80, n_frozen=2,
+                   batch_tokens=256)
+    meta = pm_cache.advance(str(tmp_path / "c1"), str(tmp_path / "a2"), CFG, p, 2,
+                            batch_tokens=300)
+    assert meta["n_frozen"] == 2
+    direct, advanced = pm_cache.load(str(tmp_path / "c2")), pm_cache.load(str(tmp_path / "a2"))
+    np.testing.assert_allclose(advanced["x_TxD"], direct["x_TxD"], atol=2e-5)
+    np.testing.assert_array_equal(advanced["keys"], direct["keys"])
+    _, rows = pm_cache.find_or_build(str(tmp_path), "x", comps[:2], tok, CFG, p, max_len=80,
+                                     n_frozen=2)
+    assert list(rows) == [0, 1] and not os.path.exists(tmp_path / "x")
