@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hh_jax.data import hh
 from hh_jax.evals import datasets, ood
 from hh_jax.model import SIZES, Transformer, _final_norm
 from tests.model_helpers import jit, random_params
@@ -66,10 +67,10 @@ def test_hh_prompts_bad_row_names_line(tmp_path):
     with gzip.open(p, "wt") as f:
         f.write(json.dumps(good) + "\n" + json.dumps(good) + "\n" + json.dumps({"x": 1}) + "\n")
     with pytest.raises(datasets.DataError, match=rf"^{p}:3: bad_row"):
-        datasets.load_hh_prompts(str(p))
+        hh.load_hh_prompts(str(p))
     with gzip.open(p, "wt") as f:
         f.write(json.dumps(good) + "\n" + json.dumps(good) + "\n")
-    assert datasets.load_hh_prompts(str(p)) == ["hi there"]
+    assert hh.load_hh_prompts(str(p)) == ["hi there"]
 
 
 def test_prompt_activations_pad_invariant():

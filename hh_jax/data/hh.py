@@ -25,6 +25,8 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
+
 from hh_jax.data.jsonl_reader import MAX_LINE_BYTES, DataError, read_lines
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -319,3 +321,34 @@ def data_fraction(comparisons: Sequence[Comparison], fraction: float) -> list[Co
                                    comparisons[i].line))
     keep = set(ranked[:n])
     return [c for i, c in enumerate(comparisons) if i in keep]
+
+
+def subsample(items: list, limit: int | None, seed: int = 0) -> list:
+    """A fixed random subset of `limit` items (all of them without a limit), in order."""
+    if limit is None or limit >= len(items):
+        return items
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), limit, replace=False))
+    return [items[i] for i in keep]
+
+
+def load_hh_prompts(path: str, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Distinct first Human turns of an HH jsonl(.gz) file (a fixed random subset)."""
+    seen, out = set(), []
+    for line, raw in read_lines(path):
+        if isinstance(raw, DataError):
+            raise raw
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            turns = split_turns(row["chosen"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise DataError(path, line, "bad_row",
+                            f"no readable 'chosen' dialogue ({e})") from None
+        if not turns or turns[0][0] != "Human" or not turns[0][1].strip():
+            raise DataError(path, line, "bad_row", "the dialogue does not start with Human")
+        text = turns[0][1].strip()
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return subsample(out, limit, seed)

@@ -9,7 +9,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from hh_jax import metrics
-from hh_jax.evals import datasets, stats
+from hh_jax.data import hh
+from hh_jax.evals import stats
 
 
 def accuracy(correct: Sequence[bool]) -> dict:
@@ -67,4 +68,4 @@ def pyplot():
 
 def subsample(items: list, limit: int | None, seed: int = 0) -> list:
     """A fixed random subset of `limit` items (all of them without a limit), in order."""
-    return datasets._subsample(items, limit, seed)
+    return hh.subsample(items, limit, seed)

@@ -24,8 +24,6 @@ import json
 import os
 import re
 
-import numpy as np
-
 from hh_jax import chat
 from hh_jax.data.jsonl_reader import DataError, read_lines
 
@@ -376,35 +374,3 @@ def load_winogenerated(path: str | None = None) -> list[BlankItem]:
     if not out:
         raise DataError(path, 1, "no_examples", "no sentences")
     return out
-
-
-# ----------------------------------------------------------------------------- HH prompts
-
-
-def _subsample(items: list, limit: int | None, seed: int) -> list:
-    if limit is None or limit >= len(items):
-        return items
-    keep = np.sort(np.random.default_rng(seed).choice(len(items), limit, replace=False))
-    return [items[i] for i in keep]
-
-
-def load_hh_prompts(path: str, limit: int | None = None, seed: int = 0) -> list[str]:
-    """Distinct first Human turns of an HH jsonl(.gz) file (a fixed random subset)."""
-    seen, out = set(), []
-    for line, raw in read_lines(path):
-        if isinstance(raw, DataError):
-            raise raw
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-            turns = chat.turns_of(row["chosen"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise DataError(path, line, "bad_row", f"no readable 'chosen' dialogue ({e})") from None
-        if not turns or turns[0][0] != "Human" or not turns[0][1].strip():
-            raise DataError(path, line, "bad_row", "the dialogue does not start with Human")
-        text = turns[0][1].strip()
-        if text not in seen:
-            seen.add(text)
-            out.append(text)
-    return _subsample(out, limit, seed)

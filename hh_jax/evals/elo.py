@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from hh_jax import chat, sampling
+from hh_jax.data import hh
 from hh_jax.evals import common, datasets, loglik, pm_judge, stats
 
 
@@ -118,9 +119,9 @@ def run(policies: list[str], pm: str, out_dir: str, *, select_pm: str | None = N
     if responses:
         prompts, replies = read_responses(responses, [p.name for p in pols])
     else:
-        prompts = (datasets.load_hh_prompts(os.path.join(datasets.HH_DIR, "helpful-base",
+        prompts = (hh.load_hh_prompts(os.path.join(datasets.HH_DIR, "helpful-base",
                                                          "test.jsonl.gz"), n_prompts // 2, seed)
-                   + datasets.load_hh_prompts(os.path.join(datasets.HH_DIR, "harmless-base",
+                   + hh.load_hh_prompts(os.path.join(datasets.HH_DIR, "harmless-base",
                                                            "test.jsonl.gz"),
                                               n_prompts - n_prompts // 2, seed))
         replies = {}

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hh_jax import chat, trunk
+from hh_jax.data import hh
 from hh_jax.evals import common, datasets, loglik, stats
 
 POOLS = ("last", "mean")
@@ -126,8 +127,8 @@ def run(model_spec: str, out_dir: str, *, n_in: int = 1000, n_out: int = 500,
     SmolLM2), or Σ is singular and the ridge decides the distances."""
     in_file = in_file or os.path.join(datasets.HH_DIR, "helpful-base", "test.jsonl.gz")
     out_file = out_file or os.path.join(datasets.HH_DIR, "harmless-base", "test.jsonl.gz")
-    p_in, p_out = (datasets.load_hh_prompts(in_file, n_in, seed),
-                    datasets.load_hh_prompts(out_file, n_out, seed))
+    p_in, p_out = (hh.load_hh_prompts(in_file, n_in, seed),
+                    hh.load_hh_prompts(out_file, n_out, seed))
     model, params, tok, fmt = loglik.load_model(model_spec)
     acts_in = prompt_activations(model, params, tok, fmt, p_in, batch_size=batch_size,
                                  max_len=max_len, progress=progress)
