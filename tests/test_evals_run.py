@@ -34,6 +34,7 @@ def _summary(d):
         return json.load(f)
 
 
+@pytest.mark.slow  # tests/test_report_evals.py runs every evaluator end to end in the suite
 def test_hhh_and_mc_runs(exports, tmp_path, capsys):
     policy, pm = exports
     for k, cat in enumerate(datasets.HHH_CATEGORIES):  # short items: byte tokens are many
@@ -56,6 +57,7 @@ def test_hhh_and_mc_runs(exports, tmp_path, capsys):
     assert "HHH alignment" in out and "TruthfulQA MC2" in out
 
 
+@pytest.mark.slow
 def test_ood_and_elo_runs(exports, tmp_path):
     policy, pm = exports
     s = ood.run(policy, str(tmp_path / "ood"), n_in=16, n_out=8, n_shot=2, train_frac=0.5,
