@@ -99,6 +99,11 @@ def test_find_or_build_reuses_a_superset_cache(tmp_path):
     _, rows_o = pm_cache.find_or_build(str(tmp_path), "sub", sub, tok, CFG.replace(
         max_len=64, dtype="bfloat16"), p, max_len=64, n_frozen=1)
     assert list(rows_o) == [4, 1] and not os.path.exists(tmp_path / "sub")
+    # a pair the cache lacks: a new cache for exactly these pairs
+    mixed = [comps[0], _comps(1, seed=9)[0]]
+    _, rows_m = pm_cache.find_or_build(str(tmp_path), "mixed", mixed, tok, CFG, p, max_len=64,
+                                       n_frozen=1)
+    assert list(rows_m) == [0, 1] and os.path.exists(tmp_path / "mixed" / "meta.json")
     # other weights: not reused
     other = _pm_params(seed=5)["backbone"]
     _, rows3 = pm_cache.find_or_build(str(tmp_path), "other", sub, tok, CFG, other, max_len=64,
