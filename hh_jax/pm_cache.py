@@ -69,6 +69,11 @@ def _pass_fn(cfg: ModelConfig, n_frozen: int):
     return jax.jit(run)
 
 
+def bucket(n: int, step: int = 64) -> int:
+    """The padded length of a row of n tokens: the next multiple of `step`."""
+    return int(-(-n // step) * step)
+
+
 def plan_batches(lengths: np.ndarray, batch_tokens: int, step: int = 64
                  ) -> list[tuple[int, np.ndarray]]:
     """(padded length, row indices) batches: rows sorted by length, each batch padded to a
@@ -76,7 +81,7 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int, step: int = 64
     order = np.argsort(lengths, kind="stable")
     out, i = [], 0
     while i < len(order):
-        length = int(-(-lengths[order[i]] // step) * step)
+        length = bucket(int(lengths[order[i]]), step)
         rows = max(1, batch_tokens // length)
         same = order[i:i + rows]
         same = same[-(-lengths[same] // step) * step == length]  # one bucket per batch

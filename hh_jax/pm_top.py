@@ -18,6 +18,7 @@ import optax
 
 from hh_jax import state, trunk
 from hh_jax.model import ModelConfig, ScalarHead
+from hh_jax.pm_cache import bucket
 
 
 def split_params(pm_params, n_frozen: int):
@@ -89,10 +90,6 @@ def cache_batch(cache: dict, rows: np.ndarray, length: int) -> dict:
     out["weight_B"] = np.ones(b, np.float32)
     out["subset_B"] = np.asarray(cache["subset"][rows], dtype=object)
     return out
-
-
-def bucket(n: int, step: int = 64) -> int:
-    return int(-(-n // step) * step)
 
 
 class CacheBatches:
