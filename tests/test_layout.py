@@ -2,8 +2,8 @@
 local imports included), has no cycle and points down only:
   - a stage (hh_jax.stages.*) imports no other stage;
   - nothing outside hh_jax.report imports the report, except the CLI (hh_jax.main);
-  - the library (the top-level modules but the drivers main and experiment, and the data
-    and pretrained packages) imports no stage, no evaluation and not the report;
+  - the library (the top-level modules but the drivers main and experiment, and the data,
+    pretrained and label packages) imports no stage, no evaluation and not the report;
   - an evaluation imports no stage and not the report; the report imports no stage;
   - every `hh_jax` import names a module, or a name a module defines, that exists (one
     inside `try: ... except ImportError` or its fallback may not);
@@ -156,10 +156,11 @@ def cycles(mods, edges) -> list[list[str]]:
 
 
 def _part(module: str, package: str) -> str:
-    """"stages", "report", "evals", "data", "pretrained", or "top" (a top-level module)."""
+    """"stages", "report", "evals", "data", "pretrained", "label", or "top" (a top-level
+    module)."""
     parts = module.split(".")
     if module == package or len(parts) == 2 and parts[1] not in (
-            "stages", "report", "evals", "data", "pretrained"):
+            "stages", "report", "evals", "data", "pretrained", "label"):
         return "top"
     return parts[1]
 
@@ -181,7 +182,8 @@ def violations(root: str, package: str) -> list[str]:
         if dst == "report" and src != "report" and e.src != f"{package}.{CLI}":
             out.append(f"{where}: only the CLI imports the report")
         if dst in ("stages", "report", "evals") and (
-                src in ("data", "pretrained") or src == "top" and top_name not in DRIVERS):
+                src in ("data", "pretrained", "label") or src == "top"
+                and top_name not in DRIVERS):
             out.append(f"{where}: the library imports a stage, an evaluation or the report")
         if src == "evals" and dst in ("stages", "report"):
             out.append(f"{where}: an evaluation imports a stage or the report")
@@ -231,6 +233,8 @@ def test_the_checks_fail_on_a_bad_tree(tmp_path):
         "evals/acc.py": "from pkg import report\n\n\ndef f():\n    from pkg import gone\n",
         "data/__init__.py": "",
         "data/hh.py": "try:\n    from pkg import missing\nexcept ImportError:\n    pass\n",
+        "label/__init__.py": "",
+        "label/store.py": "from pkg.evals import acc\n",
     })
     found = violations(root, "pkg")
     want = ["import cycle: pkg.a ↔ pkg.b",
@@ -242,7 +246,9 @@ def test_the_checks_fail_on_a_bad_tree(tmp_path):
             "pkg.evals.acc (line 1) imports pkg.report: an evaluation imports a stage or the "
             "report",
             "pkg.report.run (line 1) imports pkg.stages.lm: the report imports a stage",
-            "pkg.evals.acc (line 5) imports pkg.gone (missing), which does not exist"]
+            "pkg.evals.acc (line 5) imports pkg.gone (missing), which does not exist",
+            "pkg.label.store (line 1) imports pkg.evals.acc: the library imports a stage, an "
+            "evaluation or the report"]
     for w in want:
         assert w in found, (w, found)
     assert not any("main" in f for f in found)  # the CLI may import the report
