@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["data", "check"]:
         from hh_jax.data import check
         return check.main(argv[2:])
+    if argv[:1] == ["label"]:  # its own options: hh_jax/label/cli.py
+        from hh_jax.label import cli as label_cli
+        return label_cli.main(argv[1:])
     parser = argparse.ArgumentParser(prog="hh-jax", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     run = sub.add_parser("run", help="run an experiment's stages: run experiments/x.py[:arg]")
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--dry-run", action="store_true", help="print one command per member")
     swp.set_defaults(fn=_sweep)
     sub.add_parser("data", help="data check PATH...: validate HH jsonl(.gz) / Posts.xml")
+    sub.add_parser("label", help="label --pairs F --out F: the labeling page; label export "
+                   "--store F --out F: labels as HH jsonl")
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]

@@ -229,7 +229,7 @@ class ComparisonStore:
         pair = validate_pair(pair)
         if choice not in CHOICES:
             raise ValueError(f"choice must be 'a' or 'b', got {choice!r}")
-        if strength is not None and strength not in STRENGTHS:
+        if strength is not None and (isinstance(strength, bool) or strength not in STRENGTHS):
             raise ValueError(f"strength must be one of {STRENGTHS} or None, got {strength!r}")
         if not isinstance(labeler, str) or not labeler.strip():
             raise ValueError("labeler must be a non-empty string")
