@@ -194,3 +194,55 @@ def test_advancing_a_cache_equals_building_it_at_the_higher_cut(tmp_path):
     _, rows = pm_cache.find_or_build(str(tmp_path), "x", comps[:2], tok, CFG, p, max_len=80,
                                      n_frozen=2)
     assert list(rows) == [0, 1] and not os.path.exists(tmp_path / "x")
+
+
+def test_select_head_picks_the_planted_layer_and_direction():
+    """Layer 3's differences carry the preference along a known direction w*, layer 2's are
+    noise: cross-validation on the train pairs picks layer 3, the fitted w points along w*,
+    and the noise layer's CV accuracy is near ½."""
+    from hh_jax.evals import pm_probe
+
+    rng = np.random.default_rng(1)
+    n, d = 500, 12
+    w_star = rng.normal(size=d)
+    signal = rng.normal(size=(n, d))
+    signal *= np.where(signal @ w_star + 0.5 * rng.normal(size=n) > 0, 1, -1)[:, None]
+    planted = {2: rng.normal(size=(n, d)), 3: signal}
+    out = pm_probe.select_head(lambda layer: planted[layer], [2, 3], n, l2_grid=(0.01, 1.0))
+    assert out["layer"] == 3 and len(out["cv"]) == 4
+    cos = out["w_D"] @ w_star / np.linalg.norm(out["w_D"]) / np.linalg.norm(w_star)
+    assert cos > 0.9, cos
+    noise = [r["accuracy"] for r in out["cv"] if r["layer"] == 2]
+    assert all(abs(a - 0.5) < 0.1 for a in noise), noise
+    # the reference for layer 3: the Bayes rule sign(w*·d) on the same pairs
+    best = max(r["accuracy"] for r in out["cv"] if r["layer"] == 3)
+    assert abs(best - ((signal @ w_star) > 0).mean()) < 0.08
+
+
+@pytest.mark.parametrize("layer", [2, 3])
+def test_head_only_stage_exports_the_pm_it_reports(tmp_path, layer):
+    """read_layers: the export is the first `layer` layers + final norm + the fitted head,
+    and its full-model scores (reward.score_step on the export, an independent code path
+    from the cached float16 reads the head was fitted on) reproduce the stage's report."""
+    from hh_jax import policy, sharding
+    from hh_jax.evals import pm_accuracy
+    from hh_jax.stages import pm
+
+    c = _frozen_config(tmp_path, n=120)
+    c.read_layers, c.l2_grid = (layer,), (0.1,)
+    summary = pm.train_frozen_and_evaluate(c, str(tmp_path / "pmh"))
+    assert summary["head_only"]["layer"] == layer and summary["steps"] == 0
+    meta = checkpoint.read_meta(tmp_path / "pmh" / "params")
+    assert meta["stage"] == "pm" and meta["model"]["n_layers"] == layer
+    mesh = sharding.make_mesh((-1, 1, 1))
+    frozen = policy.Frozen(str(tmp_path / "pmh" / "params"), mesh, "pm")
+    held = pm.heldout_pairs(c.eval)
+    score_fn = jit(lambda p, b: reward.score_step(p, b, model=frozen.model))
+    with sharding.activate(mesh):
+        rep = pm_accuracy.evaluate_pairs(score_fn, frozen.params, held, ByteTokenizer(), c, mesh)
+    n = summary["heldout_pairs"]
+    assert abs(rep["overall"]["accuracy"] - summary["report"]["overall"]["accuracy"]) <= 2 / n
+    assert summary["eval/accuracy"] >= 0.9  # the planted marker, read by a linear head
+    assert rep["scores"]["std"] > 1  # scores that spread: the tolerance below is tight
+    for k in ("mean", "std", "mean_margin"):
+        assert rep["scores"][k] == pytest.approx(summary["report"]["scores"][k], abs=2e-3)

@@ -7,6 +7,10 @@ differences (each pair in both orders, so the fit has no side bias). Trained on 
 pairs, scored on the held-out pairs: accuracy with its 95% interval per layer, beside the
 longer-response baseline. The regulariser is picked once, on a 10% validation split of the
 train pairs at the middle probed layer.
+
+`select_head` turns a probe into a PM's reward head: the layer and the regulariser picked
+by k-fold cross-validation on the train pairs alone, then w fitted on all of them (the
+exact L2-regularised Bradley–Terry MLE of a linear reward, by Newton's method).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ def _diffs(reads_Px2xNxD, rows: np.ndarray, layer: int) -> np.ndarray:
     return r[:, 0] - r[:, 1]
 
 
-def _fit(d_PxD: np.ndarray, l2: float):
+def _fit(d_PxD: np.ndarray, l2: float, weight_P: np.ndarray | None = None):
     x = np.concatenate([d_PxD, -d_PxD])
     y = np.r_[np.ones(len(d_PxD)), np.zeros(len(d_PxD))]
-    return stats.logistic_fit(x, y, l2=l2, iters=25)
+    w = None if weight_P is None else np.r_[weight_P, weight_P]
+    return stats.logistic_fit(x, y, l2=l2, weight_N=w, iters=25)
 
 
 def _accuracy(predict, d_PxD: np.ndarray) -> np.ndarray:
@@ -53,6 +58,33 @@ def layer_probes(train_reads, train_rows, held_reads, held_rows, layers: Sequenc
         out.append({"layer": layer + 1, **common.accuracy(correct)})
     return {"l2_per_pair": scale, "validation": {str(k): float(v) for k, v in scores.items()},
             "layers": out}
+
+
+def select_head(diffs, layers: Sequence[int], n_pairs: int, *, l2_grid=(0.01, 0.03, 0.1),
+                folds: int = 5, weight_P: np.ndarray | None = None, seed: int = 0) -> dict:
+    """The linear BT reward r = w·f with the best k-fold cross-validated accuracy on the
+    train pairs. `diffs(layer)` gives d_PxD = f(chosen) − f(rejected) of every train pair
+    for a candidate layer; `weight_P` weights pairs in the fit (PAPER.md §5.1's λ), never
+    in the accuracy. Returns {"layer", "l2_per_pair", "cv": [{layer, l2_per_pair,
+    accuracy}], "w_D"}; ties go to the earlier layer and the smaller regulariser."""
+    split = np.array_split(np.random.default_rng(seed).permutation(n_pairs), folds)
+    w_P = np.ones(n_pairs) if weight_P is None else np.asarray(weight_P, np.float64)
+    cv, best = [], None
+    for layer in layers:
+        d_PxD = diffs(layer)
+        for l2 in l2_grid:
+            correct = np.zeros(n_pairs, bool)
+            for k, held in enumerate(split):
+                fit = np.concatenate(split[:k] + split[k + 1:])
+                predict = _fit(d_PxD[fit], l2 * len(fit), w_P[fit])
+                correct[held] = _accuracy(predict, d_PxD[held])
+            cv.append({"layer": layer, "l2_per_pair": l2, "accuracy": float(correct.mean())})
+            if best is None or cv[-1]["accuracy"] > best["accuracy"]:
+                best = cv[-1]
+    d_PxD = diffs(best["layer"])
+    predict = _fit(d_PxD, best["l2_per_pair"] * n_pairs, w_P)
+    return {"layer": best["layer"], "l2_per_pair": best["l2_per_pair"], "cv": cv,
+            "w_D": predict.coef_D}
 
 
 def plot(probe: dict, path: str, title: str, baseline: float | None = None,

@@ -146,6 +146,9 @@ def logistic_fit(x_NxD: np.ndarray, y_N: np.ndarray, *, l2: float = 1e-2,
         zm = np.c_[(np.asarray(x_MxD, np.float64) - mu) / sd, np.ones(len(x_MxD))]
         return 1 / (1 + np.exp(-(zm @ w)))
 
+    # the fit in the raw features' units: P(y = 1) = σ(x·coef_D + intercept)
+    predict.coef_D = w[:-1] / sd
+    predict.intercept = float(w[-1] - predict.coef_D @ mu)
     return predict
 
 

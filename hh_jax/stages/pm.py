@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from hh_jax import checkpoint, losses, metrics, pm_cache, pm_top, reward, sharding, state, trainer
+from hh_jax import (checkpoint, losses, metrics, pm_cache, pm_top, reward, sharding, state, trainer,
+                    trunk)
 from hh_jax.data import hh, loaders, stackexchange
 from hh_jax.evals import pm_accuracy, pm_probe
 from hh_jax.model import SIZES, ModelConfig, Transformer
@@ -241,6 +242,9 @@ def train_frozen_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
                                          comps, tok, mcfg, lm_params, **kw)
     hcache, hrows = pm_cache.find_or_build(cfg.cache_dir, f"heldout_{len(held)}_{cfg.max_len}",
                                            held, tok, mcfg, lm_params, **kw)
+    if cfg.get("read_layers"):
+        return _head_only(cfg, stage_dir, mcfg, lm_params, (comps, cache, rows),
+                          (held, hcache, hrows), data_report)
     order = []
     for epoch in range(cfg.epochs):  # one fresh length-grouped order per epoch
         order += length_grouped(list(rows), cache["lengths"][rows], cfg.batch_size,
@@ -274,6 +278,48 @@ def train_frozen_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
              **_probes(cfg, stage_dir, (cache, rows), (hcache, hrows), report)}
     return _finish(cfg, stage_dir, int(st.step), pm_top.join_params(frozen, jax.device_get(
         st.params)), mcfg, report, data_report, len(held), extra=extra)
+
+
+def _head_only(cfg: ConfigDict, stage_dir: str, mcfg: ModelConfig, lm_params, train: tuple,
+               held: tuple, data_report: dict) -> dict:
+    """`pm_frozen` with `read_layers`: no layer trained, only the reward head. The PM is
+    the pretrained model's first l layers + its final norm + a linear head, l among
+    `read_layers` (1-based) and the L2 strength among `l2_grid` picked by 5-fold
+    cross-validation on the train pairs (pm_probe.select_head: the exact BT MLE, on the
+    cache's per-layer reads). Deterministic and seconds long: no checkpoints."""
+    name = os.path.basename(os.path.normpath(stage_dir))
+    (comps, cache, rows), (held_comps, hcache, hrows) = train, held
+    norm = jax.jit(lambda h: trunk.final_norm(mcfg, lm_params["params"]["final_norm"], h))
+
+    def feats(reads, rws, layer):  # final_norm(h_l) at the chosen and rejected read tokens
+        h = np.asarray(reads[np.asarray(rws), :, layer - 1], np.float32)
+        return np.asarray(norm(h), np.float64)
+
+    def diffs(layer):
+        f = feats(cache["reads_Px2xNxD"], rows, layer)
+        return f[:, 0] - f[:, 1]
+
+    harmless = np.asarray([c.subset == "harmless-base" for c in comps])
+    head = pm_probe.select_head(diffs, list(cfg.read_layers), len(rows),
+                                l2_grid=tuple(cfg.get("l2_grid", (0.01, 0.03, 0.1))),
+                                weight_P=np.where(harmless, cfg.harmless_weight, 1.0),
+                                seed=cfg.seed)
+    layer, w_D = head["layer"], head["w_D"]
+    print(f"[{name}] head only: layer {layer} of {mcfg.n_layers}, L2 {head['l2_per_pair']} "
+          "per pair (5-fold CV on train pairs: " + ", ".join(
+              f"{r['layer']}/{r['l2_per_pair']}: {r['accuracy']:.3f}" for r in head["cv"]) + ")",
+          flush=True)
+    r_Px2 = feats(hcache["reads_Px2xNxD"], hrows, layer) @ w_D
+    report = pm_accuracy.comparisons_report(held_comps, r_Px2[:, 0], r_Px2[:, 1])
+    p = lm_params["params"]
+    backbone = {**p, "layers": trunk.layer_slice(p["layers"], 0, layer)}
+    params = {"backbone": {"params": backbone},
+              "head": {"params": {"kernel": np.asarray(w_D, np.float32)}}}
+    extra = {"frozen_layers": layer, "cache": cache["meta"],
+             "head_only": {k: v for k, v in head.items() if k != "w_D"},
+             **_probes(cfg, stage_dir, (cache, rows), (hcache, hrows), report)}
+    return _finish(cfg, stage_dir, 0, params, mcfg.replace(n_layers=layer), report,
+                   data_report, len(held_comps), extra=extra)
 
 
 def _frozen_start(cfg: ConfigDict, name: str) -> tuple:
