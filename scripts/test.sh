@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_browser.sh  # Chromium for the labeling page's browser test (or it skips)
 exec .venv/bin/python -m pytest -q "$@"
