@@ -56,9 +56,13 @@ class Chromium:
         self._next_id, self._replies, self.events = 0, {}, queue.Queue()
         self._cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target,
-                                 flatten=True)["sessionId"]
+        try:
+            target = self.call("Target.createTarget", url="about:blank")["targetId"]
+            self.session = self.call("Target.attachToTarget", targetId=target,
+                                     flatten=True)["sessionId"]
+        except BaseException:
+            self.close()  # no browser left behind
+            raise
 
     def _read(self) -> None:
         buf = b""

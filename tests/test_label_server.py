@@ -189,3 +189,11 @@ def test_cli_export_and_errors(tmp_path, capsys):
     assert cli_main.main(["label", "export", "--store", str(tmp_path / "none"),
                           "--out", str(hh)]) == 1
     assert os.path.exists(hh)  # the old export is untouched
+
+
+def test_a_store_broken_while_serving_gets_a_500_not_a_hang(running):
+    server, _, out = running
+    with open(out, "a") as f:
+        f.write("[1]\n")  # edited by hand: the store cannot be read any more
+    status, data = request(server, "POST", "/api/label", {"id": "p1", "choice": "a"})
+    assert status == 500 and "not_object" in data["error"]

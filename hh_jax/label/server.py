@@ -158,6 +158,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except RequestError as e:
             self.close_connection = True  # a body may be left unread: never reuse
             self._json(e.status, {"error": str(e)})
+        except Exception as e:  # e.g. the store edited by hand: say so, keep serving
+            log.exception("%s %s failed", method, self.path)
+            self.close_connection = True
+            self._json(500, {"error": f"server error: {e}"})
 
     def _body(self) -> bytes:
         """The request body, its size checked before anything is read."""
