@@ -14,7 +14,8 @@ if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 echo "installing Debian's chromium for the browser test (once)..." >&2
 export DEBIAN_FRONTEND=noninteractive
-if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } \
+if ! { timeout 180 apt-get update -qq &&
+       timeout 420 apt-get install -y -qq --no-install-recommends chromium; } \
     >/tmp/hh_jax_setup_browser.log 2>&1; then
   echo "warning: apt-get install chromium failed (see /tmp/hh_jax_setup_browser.log);" \
        "the browser test will skip" >&2
