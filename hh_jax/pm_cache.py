@@ -90,6 +90,22 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int, step: int = 64
     return out
 
 
+def pad_rows(rows: np.ndarray, length: int, offsets: np.ndarray, lengths: np.ndarray,
+             values_TxX: np.ndarray, positions_T: np.ndarray, branch_T: np.ndarray,
+             fill: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values_BxLx…, positions_BxL int32, branch_BxL int8): the `rows` of a pair layout laid
+    end to end (row r at offsets[r], lengths[r] tokens long) as a batch padded to `length`,
+    values (tokens or activations, kept in their dtype) with `fill`, the rest with 0."""
+    b = len(rows)
+    values = np.full((b, length) + values_TxX.shape[1:], fill, values_TxX.dtype)
+    positions, branch = np.zeros((b, length), np.int32), np.zeros((b, length), np.int8)
+    for i, r in enumerate(rows):
+        s, n = int(offsets[r]), int(lengths[r])
+        values[i, :n], positions[i, :n] = values_TxX[s:s + n], positions_T[s:s + n]
+        branch[i, :n] = branch_T[s:s + n]
+    return values, positions, branch
+
+
 def build(out_dir: str, comps: Sequence, tok: Tokenizer, cfg: ModelConfig, params, *,
           max_len: int, n_frozen: int, batch_tokens: int = 4096, log_every: int = 50) -> dict:
     """Writes the cache of `comps` into out_dir (see the module docstring); returns its meta.
@@ -112,20 +128,16 @@ def build(out_dir: str, comps: Sequence, tok: Tokenizer, cfg: ModelConfig, param
                                       (int(offsets[-1]), cfg.d_model))
     reads = np.lib.format.open_memmap(os.path.join(out_dir, "reads_Px2xNxD.npy"), "w+",
                                       np.float16, (len(comps), 2, cfg.n_layers, cfg.d_model))
+    flat = {k: np.concatenate([e[k] for e in examples]) for k in ("tokens", "positions", "branch")}
+    index_Px2 = np.stack([np.asarray([e["chosen_len"] - 1 for e in examples], np.int32),
+                          lengths.astype(np.int32) - 1], axis=1)  # chosen, rejected EOC
     run = _pass_fn(cfg, n_frozen)
     plan = plan_batches(lengths, batch_tokens)
     t0, seen = time.time(), 0
     for b, (length, rows) in enumerate(plan):
-        tokens = np.full((len(rows), length), tok.pad_id, np.int32)
-        positions = np.zeros((len(rows), length), np.int32)
-        branch = np.zeros((len(rows), length), np.int8)
-        index = np.zeros((len(rows), 2), np.int32)
-        for i, r in enumerate(rows):
-            e, n = examples[r], lengths[r]
-            tokens[i, :n], positions[i, :n] = e["tokens"], e["positions"]
-            branch[i, :n] = e["branch"]
-            index[i] = (e["chosen_len"] - 1, n - 1)
-        x_cut, r_Bx2xNxD = jax.device_get(run(params, tokens, positions, branch, index))
+        tokens, positions, branch = pad_rows(rows, length, offsets, lengths, flat["tokens"],
+                                             flat["positions"], flat["branch"], tok.pad_id)
+        x_cut, r_Bx2xNxD = jax.device_get(run(params, tokens, positions, branch, index_Px2[rows]))
         if not (np.isfinite(x_cut).all() and np.isfinite(r_Bx2xNxD).all()):
             raise FloatingPointError(f"non-finite activations in cache batch {b} of {out_dir}")
         for i, r in enumerate(rows):
@@ -140,10 +152,8 @@ def build(out_dir: str, comps: Sequence, tok: Tokenizer, cfg: ModelConfig, param
     x_TxD.flush()
     reads.flush()
     np.savez(os.path.join(out_dir, "rows.npz"), offsets=offsets, lengths=lengths,
-             positions=np.concatenate([e["positions"] for e in examples]),
-             branch=np.concatenate([e["branch"] for e in examples]),
-             chosen_index=np.asarray([e["chosen_len"] - 1 for e in examples], np.int32),
-             rejected_index=lengths.astype(np.int32) - 1,
+             positions=flat["positions"], branch=flat["branch"],
+             chosen_index=index_Px2[:, 0], rejected_index=index_Px2[:, 1],
              chosen_len=np.asarray([e["chosen_len"] for e in examples], np.int32),
              rejected_len=np.asarray([e["rejected_len"] for e in examples], np.int32),
              truncated=np.asarray([e["chosen_truncated"] or e["rejected_truncated"]
@@ -214,7 +224,7 @@ def advance(src_dir: str, out_dir: str, cfg: ModelConfig, params, to_layer: int,
                 os.link(os.path.join(src_dir, name), dst)
             except OSError:
                 shutil.copyfile(os.path.join(src_dir, name), dst)
-    x_in, d = src["x_TxD"], cfg.d_model
+    x_in = src["x_TxD"]
     x_out = np.lib.format.open_memmap(os.path.join(out_dir, "x_TxD.npy"), "w+", np.float32,
                                       x_in.shape)
     stacked = trunk.layer_slice(params["params"]["layers"], n0, to_layer)
@@ -227,13 +237,8 @@ def advance(src_dir: str, out_dir: str, cfg: ModelConfig, params, to_layer: int,
     plan = plan_batches(src["lengths"], batch_tokens)
     t0 = time.time()
     for b, (length, rows) in enumerate(plan):
-        x = np.zeros((len(rows), length, d), np.float32)
-        positions = np.zeros((len(rows), length), np.int32)
-        branch = np.zeros((len(rows), length), np.int8)
-        for i, r in enumerate(rows):
-            s, n = int(src["offsets"][r]), int(src["lengths"][r])
-            x[i, :n], positions[i, :n] = x_in[s:s + n], src["positions"][s:s + n]
-            branch[i, :n] = src["branch"][s:s + n]
+        x, positions, branch = pad_rows(rows, length, src["offsets"], src["lengths"], x_in,
+                                        src["positions"], src["branch"])
         y = np.asarray(jax.device_get(run(stacked, x, positions, branch)))
         if not np.isfinite(y).all():
             raise FloatingPointError(f"non-finite activations in batch {b} of {out_dir}")

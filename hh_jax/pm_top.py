@@ -18,7 +18,7 @@ import optax
 
 from hh_jax import state, trunk
 from hh_jax.model import ModelConfig, ScalarHead
-from hh_jax.pm_cache import bucket
+from hh_jax.pm_cache import bucket, pad_rows
 
 
 def split_params(pm_params, n_frozen: int):
@@ -74,20 +74,14 @@ def train_step(st: state.TrainState, batch, *, cfg: ModelConfig,
 
 def cache_batch(cache: dict, rows: np.ndarray, length: int) -> dict:
     """A padded batch of cached pair rows (length ≥ the longest row)."""
-    b, d = len(rows), cache["x_TxD"].shape[1]
-    out = {"x_BxLxD": np.zeros((b, length, d), np.float32),
-           "positions_BxL": np.zeros((b, length), np.int32),
-           "branch_BxL": np.zeros((b, length), np.int8)}
-    for i, r in enumerate(rows):
-        s, n = int(cache["offsets"][r]), int(cache["lengths"][r])
-        out["x_BxLxD"][i, :n] = cache["x_TxD"][s:s + n]
-        out["positions_BxL"][i, :n] = cache["positions"][s:s + n]
-        out["branch_BxL"][i, :n] = cache["branch"][s:s + n]
+    out = dict(zip(("x_BxLxD", "positions_BxL", "branch_BxL"), pad_rows(
+        rows, length, cache["offsets"], cache["lengths"], cache["x_TxD"], cache["positions"],
+        cache["branch"]), strict=True))
     out["chosen_index_B"] = cache["chosen_index"][rows].astype(np.int32)
     out["rejected_index_B"] = cache["rejected_index"][rows].astype(np.int32)
     out["chosen_len_B"] = cache["chosen_len"][rows].astype(np.int32)
     out["rejected_len_B"] = cache["rejected_len"][rows].astype(np.int32)
-    out["weight_B"] = np.ones(b, np.float32)
+    out["weight_B"] = np.ones(len(rows), np.float32)
     out["subset_B"] = np.asarray(cache["subset"][rows], dtype=object)
     return out
 
