@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hh_jax import state, trunk
+from hh_jax import reward, state, trunk
 from hh_jax.model import ModelConfig, ScalarHead
 from hh_jax.pm_cache import bucket, pad_rows
 
@@ -55,11 +55,8 @@ def loss_fn(top, batch, cfg: ModelConfig, bradley_terry):
     r_good_B, r_bad_B = pair_scores(top, batch, cfg=cfg)
     w_B = batch["weight_B"]
     loss = bradley_terry(r_good_B, r_bad_B, w_B)
-    correct_B = (r_good_B > r_bad_B) + 0.5 * (r_good_B == r_bad_B)
     return loss, {"train/loss": loss, "train/bt_loss": loss,
-                  "train/accuracy": (correct_B * w_B).sum() / jnp.maximum(w_B.sum(), 1e-8),
-                  "train/margin": ((r_good_B - r_bad_B) * w_B).sum() / jnp.maximum(w_B.sum(),
-                                                                                    1e-8)}
+                  **reward.pair_metrics(r_good_B, r_bad_B, w_B)}
 
 
 def train_step(st: state.TrainState, batch, *, cfg: ModelConfig,

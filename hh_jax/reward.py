@@ -85,6 +85,15 @@ def bradley_terry(r_good_B: jax.Array, r_bad_B: jax.Array, weight_B: jax.Array) 
     return (per_B * weight_B).sum() / jnp.maximum(weight_B.sum(), 1e-8)
 
 
+def pair_metrics(r_good_B: jax.Array, r_bad_B: jax.Array, weight_B: jax.Array) -> dict:
+    """The PM stages' weighted training metrics of a batch of pairs: train/accuracy (ties
+    count ½, as in pm_accuracy.pm_report) and train/margin (mean r_good − r_bad)."""
+    total = jnp.maximum(weight_B.sum(), 1e-8)
+    correct_B = (r_good_B > r_bad_B) + 0.5 * (r_good_B == r_bad_B)
+    return {"train/accuracy": (correct_B * weight_B).sum() / total,
+            "train/margin": ((r_good_B - r_bad_B) * weight_B).sum() / total}
+
+
 def score_step(params, batch, *, model: Transformer):
     """(r_chosen_B, r_rejected_B) for evaluation, either layout."""
     r_good_B, r_bad_B, _, _ = pair_scores(params, batch, model=model)

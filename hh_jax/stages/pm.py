@@ -35,11 +35,7 @@ def pm_loss(params, batch, model: Transformer, lm_coef: float):
                                                                with_logits=lm_coef > 0)
     w_B = batch["weight_B"]
     loss = reward.bradley_terry(r_good_B, r_bad_B, w_B)
-    aux = {"train/bt_loss": loss,
-           # ties count ½, as in pm_accuracy.pm_report
-           "train/accuracy": (((r_good_B > r_bad_B) + 0.5 * (r_good_B == r_bad_B)) * w_B).sum()
-           / jnp.maximum(w_B.sum(), 1e-8),
-           "train/margin": ((r_good_B - r_bad_B) * w_B).sum() / jnp.maximum(w_B.sum(), 1e-8)}
+    aux = {"train/bt_loss": loss, **reward.pair_metrics(r_good_B, r_bad_B, w_B)}
     if lm_coef > 0:  # next-token loss on the chosen dialogue (A21's PMP adds an LM term)
         positions = jnp.arange(chosen_BxL.shape[1])[None, :]
         weights = (positions < batch["chosen_len_B"][:, None] - 1) * (w_B[:, None] > 0)
