@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from hh_jax import chat, checkpoint, reward
-from hh_jax.model import ModelConfig, Transformer
+from hh_jax.policy import Frozen
 from hh_jax.tokenizer import load_tokenizer
 
 
@@ -24,16 +24,15 @@ class PMJudge:
 
     def __init__(self, params_dir: str, *, batch_size: int = 16, max_len: int | None = None,
                  progress: bool = False):
-        meta = checkpoint.read_meta(params_dir)
-        if meta.get("stage") not in ("pm", "pmp"):
-            raise ValueError(f"{params_dir}: a {meta.get('stage')!r} export, not a PM")
-        self.cfg = ModelConfig(**meta["model"])
+        stage = checkpoint.read_meta(params_dir).get("stage")
+        if stage not in ("pm", "pmp"):  # before loading any params
+            raise ValueError(f"{params_dir}: a {stage!r} export, not a PM")
+        pm = Frozen(params_dir, None, "pm")  # no mesh: the params load as saved
+        self.cfg, self.params = pm.cfg, pm.params
         self.tok = load_tokenizer(checkpoint.tokenizer_spec(params_dir))
-        self.params = checkpoint.import_params(params_dir)
-        self.max_len = min(max_len or meta.get("max_len", 512), self.cfg.max_len)
+        self.max_len = min(max_len or pm.meta.get("max_len", 512), self.cfg.max_len)
         self.batch_size, self.progress = batch_size, progress
-        model = Transformer(self.cfg)
-        self._fn = jax.jit(lambda p, t, n: reward.pm_scores(p, t, n, model=model)[0])
+        self._fn = jax.jit(lambda p, t, n: reward.pm_scores(p, t, n, model=pm.model)[0])
 
     def tokens(self, text: str) -> list[int]:
         return (self.tok.encode(text) + [self.tok.eoc_id])[-self.max_len:]
