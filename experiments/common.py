@@ -149,6 +149,7 @@ def ppo_config(**overrides) -> ConfigDict:
         lr_ratio=LR_RATIOS["ppo"],
         value_lr_ratio=LR_RATIOS["value"],
         value_head_init="pm",  # value model = PM backbone (+ its head, or "zero")
+        model_overrides=ConfigDict(),  # compute-only, every model: e.g. remat=True
         normalize_scores=True,  # r ← (r − mean)/std of the PM's held-out scores
         mesh=(-1, 1, 1),
         seed=0,

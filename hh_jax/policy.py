@@ -58,9 +58,12 @@ class Frozen:
 
 
 def load_models(cfg: ConfigDict, mesh):
-    """(policy, train PM, test PM or None, tokenizer) of a ppo / bon stage config."""
-    policy, pm = Frozen(cfg.policy_from, mesh, None), Frozen(cfg.pm_from, mesh, "pm")
-    test_pm = Frozen(cfg.test_pm_from, mesh, "pm") if cfg.test_pm_from else None
+    """(policy, train PM, test PM or None, tokenizer) of a ppo / bon stage config.
+    `model_overrides` (compute-only fields: dtype, remat, attention_impl) apply to every
+    model; the value model is built from the PM's."""
+    over = dict(cfg.get("model_overrides", {}) or {})
+    policy, pm = Frozen(cfg.policy_from, mesh, None, over), Frozen(cfg.pm_from, mesh, "pm", over)
+    test_pm = Frozen(cfg.test_pm_from, mesh, "pm", over) if cfg.test_pm_from else None
     for m, path in ((pm, cfg.pm_from), (test_pm, cfg.test_pm_from)):
         if m is not None and m.cfg.vocab_size != policy.cfg.vocab_size:
             raise ValueError(f"{path}: PM vocab {m.cfg.vocab_size} != policy vocab "

@@ -512,3 +512,18 @@ def test_ppo_config_fields_cover_the_dataclass():
     assert names <= set(c.ppo.keys()), names - set(c.ppo.keys())
     assert c.ppo.kl_coef == 0.001 and c.ppo.clip == 0.2 and c.ppo.gamma == 1.0
     assert isinstance(c, ConfigDict)
+
+
+def test_model_overrides_reach_every_model_of_a_ppo_stage(tmp_path):
+    """`model_overrides` (compute-only: remat here) applies to the policy, the PM (whose
+    model the value model uses) and the test PM; without it they keep their exports'."""
+    from hh_jax import policy, sharding
+
+    _random_exports(tmp_path)
+    mesh = sharding.make_mesh((-1, 1, 1))
+    c = ConfigDict(dict(policy_from=str(tmp_path / "lm"), pm_from=str(tmp_path / "pm"),
+                        test_pm_from=str(tmp_path / "pm"), model_overrides={"remat": True}))
+    models = policy.load_models(c, mesh)[:3]
+    assert all(m.cfg.remat and m.model.cfg.remat for m in models)
+    del c.model_overrides
+    assert not any(m.cfg.remat for m in policy.load_models(c, mesh)[:3])
