@@ -14,7 +14,16 @@
 # 3. the CPU anchor shape (6M, float32) on the GPU;
 # 4. the SmolLM2 iteration at a GPU-sized batch: 64 prompts x 64 tokens, 128-token responses;
 # 5. (not yet measured) part 1's sampler with the decode's attention as a cuDNN kernel.
-# Needs jax (CUDA), flax, optax, orbax, ml_collections, torch and transformers.
+# Needs jax (CUDA), flax, optax, orbax, torch and transformers, and for hh_jax's imports
+# ml_collections and grain (with array_record), which the GPU device image lacks. Carry them
+# as wheels in the git-ignored .whl/ folder (the six of BENCHMARKS.md's SmolLM2 runs:
+# ml_collections, grain, array_record, gguf, tensorboardX, portpicker) and install them
+# on the device (offline) before this script:
+#
+#   pip install --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#
+# Without them the script stops at once with that hint (rather than parts 2-4 dying at
+# import).
 set -uo pipefail
 out=${1:-/tmp/hh_jax_gpu}
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the script changes directory
@@ -29,6 +38,13 @@ py=${PYTHON:-python3}
 print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax',
       optax.__version__, 'torch', torch.__version__, 'transformers', t.__version__)"
 } 2>&1 | tee "$out/machine.txt"
+if ! "$py" -c "import ml_collections, grain" 2> "$out/missing_wheels.txt"; then
+  echo "gpu_ppo.sh: hh_jax's imports are missing ($(tail -n 1 "$out/missing_wheels.txt")):" \
+    "carry the wheels in .whl/ and run 'pip install --no-deps --target /tmp/site" \
+    ".whl/*.whl && export PYTHONPATH=/tmp/site' first (see this script's header)" >&2
+  exit 2
+fi
+rm -f "$out/missing_wheels.txt"
 
 part() {  # part NAME SECONDS ARGS...: one bench with its own time limit
   local name=$1 secs=$2
