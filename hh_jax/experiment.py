@@ -84,7 +84,8 @@ def expand_sweep(path: str, arg: str = "") -> list[dict[str, Any]]:
 
 
 def fill_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
-    """Replaces `{workdir}` in every string field (stage hand-off paths)."""
+    """Replaces `{workdir}` in every string field and tuple of strings (stage hand-off
+    paths)."""
     out = ConfigDict(config.to_dict())
     stack = [out]
     while stack:
@@ -95,18 +96,23 @@ def fill_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
                 stack.append(v)
             elif isinstance(v, str) and "{workdir}" in v:
                 node[k] = v.replace("{workdir}", workdir)
+            elif isinstance(v, tuple) and any(isinstance(x, str) and "{workdir}" in x
+                                              for x in v):  # e.g. a list of snapshots
+                node[k] = tuple(x.replace("{workdir}", workdir) if isinstance(x, str) else x
+                                for x in v)
     return out
 
 
 def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
     """Runs every stage in `config.stages` under `workdir/<stage>`, skipping complete ones."""
     from hh_jax import checkpoint, metrics  # the stages and these import JAX: not at load time
-    from hh_jax.stages import base, bon, distill, lm, pm, ppo
+    from hh_jax.stages import base, bon, distill, lm, online, pm, ppo
 
     runners = {"base": base.train_and_evaluate, "lm": lm.train_and_evaluate,
                "distill": distill.train_and_evaluate, "pmp": pm.train_and_evaluate,
                "pm": pm.train_and_evaluate, "pm_frozen": pm.train_frozen_and_evaluate,
-               "ppo": ppo.train_and_evaluate, "bon": bon.train_and_evaluate}
+               "ppo": ppo.train_and_evaluate, "bon": bon.train_and_evaluate,
+               "collect": online.train_and_evaluate, "online": online.summarize}
     workdir = os.path.abspath(workdir)
     config = fill_workdir(config, workdir)
     check(config, workdir, runners)

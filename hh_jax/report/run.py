@@ -29,6 +29,7 @@ import numpy as np
 
 from hh_jax.evals import fits
 from hh_jax.metrics import pyplot
+from hh_jax.report import online
 from hh_jax.report.evaluations import evaluation_sections
 from hh_jax.report.page import COLORS, Page, fmt
 
@@ -73,7 +74,7 @@ def stage_order(workdir: str, config: dict) -> list[str]:
 
 def stage_kind(name: str, config: dict, summary: dict) -> str:
     kind = (config.get(name) or {}).get("stage", name)
-    if kind in ("lm", "distill", "sft", "pm", "pmp", "ppo", "bon"):
+    if kind in ("lm", "distill", "sft", "pm", "pmp", "ppo", "bon", "online"):
         return {"distill": "lm", "sft": "lm", "pmp": "pm"}.get(kind, kind)
     if "report" in summary:
         return "pm"
@@ -319,6 +320,8 @@ def headline(kind: str, summary: dict, rows: list[dict]) -> str:
         best = max(summary["rows"], key=lambda r: r["n"])
         return (f"best of {best['n']}: train-PM score {best['score']:.4g}, judge "
                 f"{best.get('test_score', float('nan')):.4g}")
+    if kind == "online":
+        return online.headline(summary)
     return "complete"
 
 
@@ -348,6 +351,8 @@ def run_report(page: Page, workdir: str) -> None:
             ppo = next((n for n in names if stage_kind(n, config, {}) == "ppo"), None)
             bon_section(page, name, summary, None if ppo is None else ppo_points(
                 summaries[ppo], rows_by[ppo]))
+        elif kind == "online":
+            online.section(page, summary, stage_dir)
         else:
             _curves(page, rows_by[name], [["train/loss"]], f"{name}_loss", f"{name}: loss")
         scalars = _scalars(summary)

@@ -55,7 +55,11 @@ def value_params_from_pm(pm: Frozen, mode: str, score_shift: float = 0.0,
 def train_state(params, optimizer, mesh):
     """A TrainState of `params` for `optimizer`, sharded like the params (and its shardings)."""
     abstract = jax.eval_shape(lambda: params)
-    p_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    devices = set(mesh.devices.flat)
+    # a leaf made outside the mesh (the value head's fresh bias, on one device) is
+    # replicated over it: jit refuses a state whose leaves live on different device sets
+    p_sh = jax.tree_util.tree_map(lambda x: x.sharding if x.sharding.device_set == devices
+                                  else sharding.replicated(mesh), params)
     st_sh = state.state_shardings(p_sh, optimizer, abstract, mesh)
     return state.init_state(params, optimizer, st_sh), st_sh
 

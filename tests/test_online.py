@@ -1,0 +1,147 @@
+"""Iterated online RLHF (hh_jax/stages/online.py, experiments/online_hh.py): labeling
+resumes without relabeling, a round's PM data holds every earlier round's labels, people
+label a paused round and the loop continues, and the rounds' numbers are written."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from hh_jax import experiment, report
+from hh_jax.label import store as label_store
+from hh_jax.label.simulated import SimulatedLabeler
+from hh_jax.stages import online
+
+EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "online_hh.py")
+
+
+def fake_pairs(n: int, rnd: int) -> list[dict]:
+    return [{"id": f"round{rnd}-train-{i:05d}", "context": f"\n\nHuman: q{i}?\n\nAssistant:",
+             "response_a": f" yes {i}", "response_b": f" no {i}",
+             "meta": {"round": rnd, "policy_a": "pi0", "policy_b": "ppo_1", "split": "train"}}
+            for i in range(n)]
+
+
+def collect_cfg(tmp_path, rnd: int, kind: str = "simulated") -> ConfigDict:
+    return ConfigDict(dict(round=rnd, store=str(tmp_path / "comparisons.jsonl"),
+                           labeler=ConfigDict(dict(kind=kind, temperature=1.0, noise=0.1,
+                                                   seed=3)), seed_fraction=0.0))
+
+
+def test_a_resumed_round_labels_only_the_rest_and_the_same_way(tmp_path):
+    pairs = fake_pairs(40, 1)
+    gold = {"scores": {p["id"]: [float(i % 3), 1.0] for i, p in enumerate(pairs)}}
+    cfg = collect_cfg(tmp_path, 1)
+    with label_store.ComparisonStore(cfg.store) as st:  # a run killed after 15 labels
+        lab = SimulatedLabeler(1.0, 0.1, 3).label([p["id"] for p in pairs[:15]],
+                                                  np.zeros(15), np.zeros(15))
+        for p, c in zip(pairs[:15], lab["choice"], strict=True):
+            st.append(p, c, labeler="simulated:earlier")
+    out = online.label_round(cfg, str(tmp_path), pairs, gold)
+    assert (out["labeled_now"], out["labeled_before"]) == (25, 15)
+    again = online.label_round(cfg, str(tmp_path), pairs, gold)  # a rerun: nothing new
+    assert again["labeled_now"] == 0
+    records = label_store.read_store(cfg.store)
+    assert len(records) == 40 and len({r["id"] for r in records}) == 40
+    assert {r["labeler"] for r in records[:15]} == {"simulated:earlier"}  # kept, not relabeled
+    fresh = SimulatedLabeler(1.0, 0.1, 3).label(
+        [p["id"] for p in pairs[15:]], *np.asarray([gold["scores"][p["id"]]
+                                                    for p in pairs[15:]]).T)["choice"]
+    assert [r["choice"] for r in records[15:]] == fresh  # as an uninterrupted run labels
+    r = records[-1]
+    assert r["labeler"] == "simulated:T=1,noise=0.1,seed=3"
+    assert r["meta"]["round"] == 1 and "p_a" in r["meta"] and "gold_margin" in r["meta"]
+
+
+def test_human_round_waits_for_labels_then_exports_every_round(tmp_path):
+    cfg = collect_cfg(tmp_path, 1)
+    online.label_round(cfg, str(tmp_path), fake_pairs(6, 1),
+                       {"scores": {p["id"]: [1.0, 0.0] for p in fake_pairs(6, 1)}})
+    human = collect_cfg(tmp_path, 2, kind="human")
+    pairs2 = fake_pairs(4, 2)
+    with pytest.raises(online.AwaitingLabels, match="hh-jax label --pairs .*pairs.jsonl"):
+        online.label_round(human, str(tmp_path), pairs2, {"scores": {}})
+    with label_store.ComparisonStore(human.store) as st:  # a person labels the round
+        for p in pairs2:
+            st.append(p, "b", labeler="human:ann")
+    gold = {"scores": {p["id"]: [0.0, 1.0] for p in pairs2}}
+    out = online.label_round(human, str(tmp_path), pairs2, gold)
+    assert out["labeled_now"] == 0 and out["labelers"] == ["human:ann"]
+    assert out["label_gold_agreement"] == 1.0
+    out_dir = tmp_path / "collect"
+    out_dir.mkdir()
+    assert online.export_round(human, str(out_dir))["comparisons"] == 10  # rounds 1 + 2
+    assert online.export_round(cfg, str(out_dir))["comparisons"] == 6  # round 1 only
+    with pytest.raises(ValueError, match="the store itself"):
+        online.export_round(cfg, str(tmp_path))
+    with open(out_dir / "comparisons.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows[0]["chosen"].startswith("\n\nHuman: q0?\n\nAssistant: ")
+
+
+def test_the_experiment_lists_rounds():
+    c = experiment.load_config(EXPERIMENT + ":tiny,rounds=3")
+    assert c.stages[-10:] == ("collect_1", "pm_1", "ppo_1", "collect_2", "pm_2", "ppo_2",
+                              "collect_3", "pm_3", "ppo_3", "online")
+    assert c.collect_3.snapshots == ("{workdir}/lm/params", "{workdir}/ppo_1/params")
+    assert c.collect_3.policy_from == "{workdir}/ppo_2/params"
+    assert c.pm_3.init_from == "{workdir}/lm/params"  # retrained from the base (§4.5)
+    assert c.pm_3.data.hh_dir == "{workdir}/collect_3/comparisons.jsonl"
+    assert c.ppo_3.policy_from == "{workdir}/lm/params"  # PPO from π0 every round
+    assert c.ppo_3.test_pm_from == "{workdir}/gold_pm/params"
+    smoke = experiment.load_config(EXPERIMENT + ":smoke,human")
+    assert smoke.pm_2.init_from == "{workdir}/pmp/params" and smoke.collect_2.labeler.kind == \
+        "human"
+    filled = experiment.fill_workdir(c, "/w")
+    assert filled.collect_3.snapshots == ("/w/lm/params", "/w/ppo_1/params")
+
+
+@pytest.mark.slow
+def test_two_rounds_run_pause_for_people_and_resume(tmp_path):
+    """The tiny loop: round 1 simulated, round 2 by "people"; the run stops at round 2's
+    pairs, continues once they are labeled, and a rerun relabels nothing."""
+    config = experiment.load_config(EXPERIMENT + ":tiny,rounds=2")
+    config.collect_2.labeler.kind = "human"
+    workdir = str(tmp_path / "run")
+    with pytest.raises(online.AwaitingLabels, match="hh-jax label"):
+        experiment.run(config, workdir)
+    pairs = label_store.read_pairs(os.path.join(workdir, "collect_2", "pairs.jsonl"))
+    store = os.path.join(workdir, "comparisons.jsonl")
+    with label_store.ComparisonStore(store) as st:
+        for p in pairs:
+            st.append(p, "a", labeler="human:test")
+    experiment.run(config, workdir)
+    records = label_store.read_store(store)
+    by_round = {k: [r for r in records if r["meta"]["round"] == k] for k in (1, 2)}
+    assert len(by_round[1]) == 16 - online_dropped(workdir, 1)
+    lab = config.collect_1.labeler
+    assert {r["labeler"] for r in by_round[1]} == {
+        f"simulated:T={lab.temperature:g},noise={lab.noise:g},seed={lab.seed}"}
+    assert {r["meta"]["policy_a"] for r in by_round[1]} == {"lm"}
+    assert {r["labeler"] for r in by_round[2]} == {"human:test"} and len(by_round[2]) == len(pairs)
+    assert {r["meta"]["policy_a"] for r in by_round[2]} | {r["meta"]["policy_b"] for r in
+                                                           by_round[2]} <= {"lm", "ppo_1"}
+    pm1, pm2 = (json.load(open(os.path.join(workdir, f"pm_{k}", "summary.json")))
+                for k in (1, 2))
+    assert pm1["data"]["used"] == len(by_round[1])
+    assert pm2["data"]["used"] == len(records)  # round 2's PM: rounds 1 + 2
+    os.remove(os.path.join(workdir, "collect_2", "summary.json"))  # resume mid-loop
+    os.remove(os.path.join(workdir, "online", "summary.json"))
+    experiment.run(config, workdir)
+    assert len(label_store.read_store(store)) == len(records)
+    col2 = json.load(open(os.path.join(workdir, "collect_2", "summary.json")))
+    assert col2["labeled_now"] == 0 and col2["comparisons"] == len(records)
+    summary = json.load(open(os.path.join(workdir, "online", "summary.json")))
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert os.path.exists(os.path.join(workdir, "online", "online.png"))
+    report.write_report(workdir)
+    with open(os.path.join(workdir, "report.md")) as f:
+        page = f.read()
+    assert "## Stage online (online)" in page and "proxy acc (fresh)" in page
+
+
+def online_dropped(workdir: str, k: int) -> int:
+    with open(os.path.join(workdir, f"collect_{k}", "gold.json")) as f:
+        return sum(json.load(f)["dropped"].values())
