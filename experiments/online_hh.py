@@ -17,11 +17,13 @@ retrained from pmp on every comparison collected so far; evaluated on the fresh 
 ppo_k (from π0 against pm_k, held-out prompts scored by pm_k and by the gold PM) → online
 (WORKDIR/online/: metrics.jsonl a row per round, summary.json, online.png). "tiny" skips
 distill and pmp (π0 and the PMs' base are the LM).
-Runtime: "smoke" about 15 minutes on 2 shared CPU cores (BENCHMARKS.md, "Online RLHF");
-"tiny" about 2 minutes.
-Expected: the machinery, not the paper's numbers. At 6M the PMs are near chance, so the
-proxy PM's accuracy on fresh on-policy pairs hovers around 0.5 and the gold-vs-proxy gap
-is noise-sized; the run shows that rounds chain, label, resume and report.
+Runtime: "smoke" 22.5 minutes measured on 2 busy shared CPU cores (BENCHMARKS.md, "Online
+RLHF (issue 17)"); "tiny" a few minutes.
+Expected: the machinery, not the paper's numbers. At 6M the PMs barely move from their
+start, so the proxy PM's accuracy on fresh on-policy pairs (0.55–0.71 measured) is what
+it shares with the gold PM through the common LM, not what the labels taught, and the
+gold-vs-proxy gap at KL < 0.1 is noise-sized; the run shows that rounds chain, label,
+resume and report.
 """
 
 from common import HH_STOP
