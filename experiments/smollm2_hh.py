@@ -26,9 +26,9 @@ so the PM scores exactly what the policy writes; responses stop at EOS or at "\\
   (remat, 16 iterations of 16 prompts) about 20 minutes on 2 busy CPU cores.
 - gpu: every layer finetuned (PAPER.md §3), bf16 compute, ≤ 512 tokens a view, 2 epochs,
   PPO at batch 64 with 128-token responses. bench/gpu_smollm2.sh runs it.
-- tiny: a handful of pairs and prompts; pm trains the top layer over the frozen trunk and
-  pm_test finetunes every layer (the gpu variant's code path): every stage runs with the
-  real model.
+- tiny: a handful of pairs and prompts; pm is the cpu variant's head-only PM (layer 15
+  or 30) and pm_test finetunes every layer (the gpu variant's code path): every stage
+  runs with the real model.
 Measured: BENCHMARKS.md ("SmolLM2-135M through the pipeline").
 """
 
@@ -101,7 +101,7 @@ def _tiny(c: ConfigDict) -> None:
         s.frozen_layers, s.max_len, s.epochs, s.batch_size = 29, 64, 1, 8
         s.data.fraction, s.eval.max_pairs, s.log_every, s.ckpt_every = 0.003, 8, 1, 2
         s.eval_batch_size, s.buckets = 8, (128,)
-    c.pm.probe_layers = (15, 30)
+    c.pm.probe_layers, c.pm.read_layers = (15, 30), (15, 30)
     c.bon.ns, c.bon.eval_prompts, c.bon.prompt_len, c.bon.response_len = (1, 2), 4, 32, 4
     c.bon.batch_size = 8
     c.ppo.iterations, c.ppo.batch_size, c.ppo.eval_prompts = 2, 8, 8

