@@ -145,3 +145,31 @@ def test_two_rounds_run_pause_for_people_and_resume(tmp_path):
 def online_dropped(workdir: str, k: int) -> int:
     with open(os.path.join(workdir, f"collect_{k}", "gold.json")) as f:
         return sum(json.load(f)["dropped"].values())
+
+
+def test_train_and_fresh_pairs_draw_different_random_numbers(monkeypatch):
+    """The same prompts sampled as "train" and as "fresh" get different replies and sides
+    (their seeds once came from len(tag), and len("train") == len("fresh"))."""
+    import jax
+
+    def fake_responses(sample_fn, params, tok, prompts, cfg, key, stops):
+        draws = jax.random.randint(key, (len(prompts),), 0, 10 ** 9)
+        return [f" {params} says {int(d)}" for d in draws]
+
+    monkeypatch.setattr(online, "_sampler", lambda policy, tok, cfg: None)
+    monkeypatch.setattr(online, "responses", fake_responses)
+    policies = {"pi0": ConfigDict(dict(params="pi0")), "ppo_1": ConfigDict(dict(params="ppo_1"))}
+    prompts = [f"\n\nHuman: q{i}?\n\nAssistant:" for i in range(32)]
+    cfg = ConfigDict(dict(seed=0, round=2))
+    train, _ = online.sample_pairs(cfg, policies, None, prompts, "train", True, None)
+    again, _ = online.sample_pairs(cfg, policies, None, prompts, "train", True, None)
+    fresh, _ = online.sample_pairs(cfg, policies, None, prompts, "fresh", True, None)
+    assert train == again  # deterministic per (seed, round, tag)
+    replies = lambda ps: [(p["response_a"], p["response_b"]) for p in ps]  # noqa: E731
+    assert all(set(t) & set(f) == set() for t, f in zip(replies(train), replies(fresh),
+                                                         strict=True))
+    sides = lambda ps: [p["meta"]["policy_a"] for p in ps]  # noqa: E731
+    assert sides(train) != sides(fresh)
+    assert {p["meta"]["split"] for p in fresh} == {"heldout"}
+    with pytest.raises(ValueError, match="tag"):
+        online.sample_pairs(cfg, policies, None, prompts, "Train", True, None)

@@ -72,27 +72,36 @@ def responses(sample_fn, params, tok, prompts: list[str], cfg: ConfigDict, key, 
     return out
 
 
+TAGS = {"train": 0, "fresh": 1}  # a pair set's index in its random numbers' seeds
+
+
 def sample_pairs(cfg: ConfigDict, policies: dict, tok, prompts: list[str], tag: str,
                  mix: bool, stops) -> tuple[list[dict], dict]:
     """(valid pairs, dropped pairs by reason): per prompt the current policy (last of
     `policies`, name → Frozen) against a uniformly drawn policy of `policies` when `mix`,
     else against itself; a/b sides shuffled. A pair with an empty or identical response
-    (or one the HH format cannot hold) is dropped and counted."""
+    (or one the HH format cannot hold) is dropped and counted. The draws (sides,
+    opponents, samples) depend on (seed, round, tag): "train" and "fresh" pairs never
+    share them."""
+    if tag not in TAGS:
+        raise ValueError(f"tag must be one of {sorted(TAGS)}, got {tag!r}")
+    tag_id = TAGS[tag]
     names = list(policies)
-    rng = np.random.default_rng([cfg.seed, cfg.round, len(tag)])
+    rng = np.random.default_rng([cfg.seed, cfg.round, tag_id])
     other_P = rng.integers(len(names), size=len(prompts)) if mix else np.full(
         len(prompts), len(names) - 1)
     swap_P = rng.random(len(prompts)) < 0.5
     sample_fn = _sampler(policies[names[-1]], tok, cfg)
-    key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), cfg.round)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), cfg.round),
+                             tag_id)
     first = responses(sample_fn, policies[names[-1]].params, tok, prompts, cfg,
-                      jax.random.fold_in(key, 2 * len(tag)), stops)
+                      jax.random.fold_in(key, 0), stops)
     second = [""] * len(prompts)
     for j, name in enumerate(names):
         idx = np.flatnonzero(other_P == j)
         if len(idx):
             texts = responses(sample_fn, policies[name].params, tok, [prompts[i] for i in idx],
-                              cfg, jax.random.fold_in(key, 2 * len(tag) + 1 + 7 * (j + 1)), stops)
+                              cfg, jax.random.fold_in(key, j + 1), stops)
             for i, t in zip(idx, texts, strict=True):
                 second[i] = t
     pairs, dropped = [], collections.Counter()
