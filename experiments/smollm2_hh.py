@@ -22,8 +22,8 @@ so the PM scores exactly what the policy writes; responses stop at EOS or at "\\
   The judge's pairs are a subset of the reward PM's, so it is not an independent judge
   (the paper's protocol trains them on disjoint halves: `--config.pm.data.half=a`).
   Linear probes of every few layers of the frozen model go beside the PM (probes.png).
-  Runtime: the cache about 85 minutes (once), then best-of-n about 16 minutes and PPO
-  (remat, 16 iterations of 16 prompts) about 20 minutes on 2 busy CPU cores.
+  Runtime on 2 busy CPU cores (measured): the cache 85 minutes (once), the PMs 2 + 4
+  minutes, best-of-n 16 minutes, PPO (remat, 11.1 GB; 16 iterations of 16 prompts) 26.
 - gpu: every layer finetuned (PAPER.md §3), bf16 compute, ≤ 512 tokens a view, 2 epochs,
   PPO at batch 64 with 128-token responses. bench/gpu_smollm2.sh runs it.
 - tiny: a handful of pairs and prompts; pm is the cpu variant's head-only PM (layer 15
