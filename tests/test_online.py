@@ -161,9 +161,9 @@ def test_train_and_fresh_pairs_draw_different_random_numbers(monkeypatch):
     policies = {"pi0": ConfigDict(dict(params="pi0")), "ppo_1": ConfigDict(dict(params="ppo_1"))}
     prompts = [f"\n\nHuman: q{i}?\n\nAssistant:" for i in range(32)]
     cfg = ConfigDict(dict(seed=0, round=2))
-    train, _ = online.sample_pairs(cfg, policies, None, prompts, "train", True, None)
-    again, _ = online.sample_pairs(cfg, policies, None, prompts, "train", True, None)
-    fresh, _ = online.sample_pairs(cfg, policies, None, prompts, "fresh", True, None)
+    train, _ = online.sample_pairs(cfg, policies, "ppo_1", None, prompts, "train", True, None)
+    again, _ = online.sample_pairs(cfg, policies, "ppo_1", None, prompts, "train", True, None)
+    fresh, _ = online.sample_pairs(cfg, policies, "ppo_1", None, prompts, "fresh", True, None)
     assert train == again  # deterministic per (seed, round, tag)
     replies = lambda ps: [(p["response_a"], p["response_b"]) for p in ps]  # noqa: E731
     assert all(set(t) & set(f) == set() for t, f in zip(replies(train), replies(fresh),
@@ -172,4 +172,23 @@ def test_train_and_fresh_pairs_draw_different_random_numbers(monkeypatch):
     assert sides(train) != sides(fresh)
     assert {p["meta"]["split"] for p in fresh} == {"heldout"}
     with pytest.raises(ValueError, match="tag"):
-        online.sample_pairs(cfg, policies, None, prompts, "Train", True, None)
+        online.sample_pairs(cfg, policies, "ppo_1", None, prompts, "Train", True, None)
+
+
+def test_the_current_policy_is_chosen_by_name_and_names_are_unique():
+    cfg = ConfigDict(dict(snapshots=("/w/distill/params", "/w/ppo_1/params"),
+                          policy_from="/w/ppo_1/params"))
+    assert online.policies_of(cfg) == {"distill": "/w/distill/params",
+                                       "ppo_1": "/w/ppo_1/params"}
+    cfg.snapshots = ("/w/distill/params", "/other/ppo_1/params")
+    with pytest.raises(ValueError, match="share the name 'ppo_1'"):
+        online.policies_of(cfg)
+
+
+def test_previous_pm_accuracy_counts_ties_as_half():
+    # gold prefers a, b, a, (tie: skipped), a; the PM: right, wrong, tie, -, right
+    acc, n = online.accuracy_with_ties([1.0, 3.0, 0.5, 0.0, 3.0], [0.0, 2.0, 0.5, 9.0, 1.0],
+                                       [1.0, 0.0, 2.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0, 0.5])
+    assert (acc, n) == (2.5 / 4, 4)
+    assert online.accuracy_with_ties([1.0], [0.0], [1.0], [1.0]) == (None, 0)
+

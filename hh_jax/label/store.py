@@ -285,11 +285,18 @@ def hh_text(context: str, response: str) -> str:
     return context + (response if response[:1].isspace() else " " + response)
 
 
+def write_hh(path: str | os.PathLike, rows: Iterable[tuple[str, str, str]]) -> int:
+    """Writes (context, chosen response, rejected response) rows as HH jsonl rows
+    {"chosen", "rejected"} that `hh_jax.data.hh` reads, atomically (temp file, fsync,
+    rename); returns the number of rows."""
+    lines = [json.dumps({"chosen": hh_text(ctx, good), "rejected": hh_text(ctx, bad)},
+                        ensure_ascii=False) + "\n" for ctx, good, bad in rows]
+    _atomic_write(path, lines)
+    return len(lines)
+
+
 def export_hh(store_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
     """Writes the store's labels as HH jsonl rows {"chosen", "rejected"} (atomically);
     returns the number of rows."""
-    records = read_store(store_path)
-    _atomic_write(out_path, (json.dumps({"chosen": hh_text(r["context"], r["chosen"]),
-                                         "rejected": hh_text(r["context"], r["rejected"])},
-                                        ensure_ascii=False) + "\n" for r in records))
-    return len(records)
+    return write_hh(out_path, ((r["context"], r["chosen"], r["rejected"])
+                               for r in read_store(store_path)))

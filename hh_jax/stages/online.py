@@ -75,26 +75,28 @@ def responses(sample_fn, params, tok, prompts: list[str], cfg: ConfigDict, key, 
 TAGS = {"train": 0, "fresh": 1}  # a pair set's index in its random numbers' seeds
 
 
-def sample_pairs(cfg: ConfigDict, policies: dict, tok, prompts: list[str], tag: str,
-                 mix: bool, stops) -> tuple[list[dict], dict]:
-    """(valid pairs, dropped pairs by reason): per prompt the current policy (last of
-    `policies`, name → Frozen) against a uniformly drawn policy of `policies` when `mix`,
-    else against itself; a/b sides shuffled. A pair with an empty or identical response
-    (or one the HH format cannot hold) is dropped and counted. The draws (sides,
-    opponents, samples) depend on (seed, round, tag): "train" and "fresh" pairs never
-    share them."""
+def sample_pairs(cfg: ConfigDict, policies: dict, current: str, tok, prompts: list[str],
+                 tag: str, mix: bool, stops) -> tuple[list[dict], dict]:
+    """(valid pairs, dropped pairs by reason): per prompt the current policy
+    (`policies[current]`; `policies`: name → Frozen) against a uniformly drawn policy of
+    `policies` when `mix`, else against itself; a/b sides shuffled. A pair with an empty or
+    identical response (or one the HH format cannot hold) is dropped and counted. The
+    draws (sides, opponents, samples) depend on (seed, round, tag): "train" and "fresh"
+    pairs never share them."""
     if tag not in TAGS:
         raise ValueError(f"tag must be one of {sorted(TAGS)}, got {tag!r}")
+    if current not in policies:
+        raise ValueError(f"current policy {current!r} is not among {sorted(policies)}")
     tag_id = TAGS[tag]
     names = list(policies)
     rng = np.random.default_rng([cfg.seed, cfg.round, tag_id])
     other_P = rng.integers(len(names), size=len(prompts)) if mix else np.full(
-        len(prompts), len(names) - 1)
+        len(prompts), names.index(current))
     swap_P = rng.random(len(prompts)) < 0.5
-    sample_fn = _sampler(policies[names[-1]], tok, cfg)
+    sample_fn = _sampler(policies[current], tok, cfg)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), cfg.round),
                              tag_id)
-    first = responses(sample_fn, policies[names[-1]].params, tok, prompts, cfg,
+    first = responses(sample_fn, policies[current].params, tok, prompts, cfg,
                       jax.random.fold_in(key, 0), stops)
     second = [""] * len(prompts)
     for j, name in enumerate(names):
@@ -106,7 +108,7 @@ def sample_pairs(cfg: ConfigDict, policies: dict, tok, prompts: list[str], tag: 
                 second[i] = t
     pairs, dropped = [], collections.Counter()
     for i, prompt in enumerate(prompts):
-        sides = [(names[-1], first[i]), (names[other_P[i]], second[i])][::-1 if swap_P[i] else 1]
+        sides = [(current, first[i]), (names[other_P[i]], second[i])][::-1 if swap_P[i] else 1]
         pair = {"id": f"round{cfg.round}-{tag}-{i:05d}", "context": prompt,
                 "response_a": sides[0][1], "response_b": sides[1][1],
                 "meta": {"round": cfg.round, "policy_a": sides[0][0], "policy_b": sides[1][0],
@@ -138,23 +140,41 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _write_hh(path: str, rows: list[tuple[str, str, str]]) -> None:
-    """HH jsonl of (context, chosen response, rejected response)."""
-    with open(path + ".tmp", "w") as f:
-        for ctx, good, bad in rows:
-            f.write(json.dumps({"chosen": label_store.hh_text(ctx, good),
-                                "rejected": label_store.hh_text(ctx, bad)}) + "\n")
-    os.replace(path + ".tmp", path)
+def policies_of(cfg: ConfigDict) -> dict[str, str]:
+    """name → export path of the round's policies: the earlier snapshots, then the current
+    policy (`policy_from`; a snapshot listed twice, or also as the current policy, counts
+    once). Raises ValueError when two different exports share a name (a pair's provenance
+    names its policies)."""
+    out: dict[str, str] = {}
+    for path in list(cfg.snapshots) + [cfg.policy_from]:
+        name = snapshot_name(path)
+        if name in out and os.path.normpath(out[name]) != os.path.normpath(path):
+            raise ValueError(f"policies {out[name]} and {path} share the name {name!r}; a "
+                             "pair's provenance could not tell them apart")
+        out.setdefault(name, path)
+    return out
+
+
+def accuracy_with_ties(p_a, p_b, g_a, g_b) -> tuple[float | None, int]:
+    """(accuracy, pairs): how often PM scores (p_a, p_b) prefer the side the gold scores
+    (g_a, g_b) prefer, over the pairs gold does not tie; a PM tie counts ½ (as
+    pm_accuracy.pm_report counts it)."""
+    p_a, p_b, g_a, g_b = map(np.asarray, (p_a, p_b, g_a, g_b))
+    keep = g_a != g_b
+    if not keep.any():
+        return None, 0
+    margin = np.where(g_a > g_b, p_a - p_b, p_b - p_a)[keep]
+    return float(((margin > 0) + 0.5 * (margin == 0)).mean()), int(keep.sum())
 
 
 def _sample_round(cfg: ConfigDict, stage_dir: str, tok, mesh) -> None:
     """Samples and gold-scores the round's pairs; writes gold.json, fresh.jsonl (gold-
     labeled held-out pairs) and, last (it marks the sampling done), pairs.jsonl."""
-    paths = list(cfg.snapshots) + [cfg.policy_from]
-    policies = {snapshot_name(p): Frozen(p, mesh, None) for p in dict.fromkeys(paths)}
+    current = snapshot_name(cfg.policy_from)
+    policies = {name: Frozen(path, mesh, None) for name, path in policies_of(cfg).items()}
     gold = Frozen(cfg.gold_pm_from, mesh, "pm")  # loaded outside sharding.activate (unbox)
     prev_pm = Frozen(cfg.prev_pm_from, mesh, "pm") if cfg.get("prev_pm_from") else None
-    stops = stage_stops(cfg, tok, policies[snapshot_name(cfg.policy_from)].cfg.vocab_size, mesh)
+    stops = stage_stops(cfg, tok, policies[current].cfg.vocab_size, mesh)
     rng = np.random.default_rng([cfg.seed, cfg.round])
     train = load_prompts(cfg.data, "train")
     train = [train[i] for i in rng.choice(len(train), min(cfg.pairs, len(train)), replace=False)]
@@ -162,22 +182,21 @@ def _sample_round(cfg: ConfigDict, stage_dir: str, tok, mesh) -> None:
     held = [held[i] for i in rng.choice(len(held), min(cfg.fresh_pairs, len(held)),
                                         replace=False)]
     with sharding.activate(mesh):
-        pairs, dropped = sample_pairs(cfg, policies, tok, train, "train", cfg.mix_snapshots,
-                                      stops)
-        fresh, fresh_dropped = sample_pairs(cfg, {k: policies[k] for k in list(policies)[-1:]},
-                                            tok, held, "fresh", False, stops)
+        pairs, dropped = sample_pairs(cfg, policies, current, tok, train, "train",
+                                      cfg.mix_snapshots, stops)
+        fresh, fresh_dropped = sample_pairs(cfg, {current: policies[current]}, current, tok,
+                                            held, "fresh", False, stops)
         r_a, r_b = pm_scores_of(gold, tok, pairs, cfg, mesh)
         f_a, f_b = pm_scores_of(gold, tok, fresh, cfg, mesh)
         prev = {}
         if prev_pm is not None:  # the PM the current policy was trained against
             p_a, p_b = pm_scores_of(prev_pm, tok, fresh, cfg, mesh)
-            keep = f_a != f_b
-            prev = {"prev_pm_accuracy": float(((p_a > p_b) == (f_a > f_b))[keep].mean())
-                    if keep.any() else None, "prev_pm_pairs": int(keep.sum())}
+            acc, n = accuracy_with_ties(p_a, p_b, f_a, f_b)
+            prev = {"prev_pm_accuracy": acc, "prev_pm_pairs": n}
     fresh_rows = [(p["context"], p["response_a"], p["response_b"]) if a > b else
                   (p["context"], p["response_b"], p["response_a"])
                   for p, a, b in zip(fresh, f_a, f_b, strict=True) if a != b]  # ties: no label
-    _write_hh(os.path.join(stage_dir, "fresh.jsonl"), fresh_rows)
+    label_store.write_hh(os.path.join(stage_dir, "fresh.jsonl"), fresh_rows)
     _write_json(os.path.join(stage_dir, "gold.json"), {
         "scores": {p["id"]: [float(a), float(b)] for p, a, b in zip(pairs, r_a, r_b,
                                                                      strict=True)},
@@ -218,7 +237,8 @@ def label_round(cfg: ConfigDict, stage_dir: str, pairs: list[dict], gold: dict) 
                 st.append(p, choice, labeler=labeler.name, p_a=float(p_a),
                           gold_margin=float(gold["scores"][p["id"]][0]
                                             - gold["scores"][p["id"]][1]))
-        records = [r for r in st.records() if r["id"] in {p["id"] for p in pairs}]
+        ids = {p["id"] for p in pairs}
+        records = [r for r in st.records() if r["id"] in ids]
     agree = [(r["choice"] == "a") == (gold["scores"][r["id"]][0] > gold["scores"][r["id"]][1])
              for r in records if gold["scores"][r["id"]][0] != gold["scores"][r["id"]][1]]
     return {"labeled_now": len(todo), "labeled_before": len(pairs) - len(todo),
@@ -243,7 +263,7 @@ def export_round(cfg: ConfigDict, stage_dir: str) -> dict:
         seeds = hh.data_fraction(hh.select_split(comps, "train"), cfg.seed_fraction)
         rows += [(c.context, c.chosen, c.rejected) for c in seeds]
         seed = len(seeds)
-    _write_hh(out, rows)
+    label_store.write_hh(out, rows)
     return {"comparisons": len(rows), "store_rows": len(records), "seed_rows": seed,
             "rounds_in_export": sorted({int(r["meta"].get("round", 0)) for r in records})}
 
