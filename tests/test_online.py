@@ -192,3 +192,47 @@ def test_previous_pm_accuracy_counts_ties_as_half():
     assert (acc, n) == (2.5 / 4, 4)
     assert online.accuracy_with_ties([1.0], [0.0], [1.0], [1.0]) == (None, 0)
 
+
+def fake_round(run_dir, k: int, proxy=(-1.0, -0.5), proxy_std=0.25, gold=(0.30, 0.32),
+               gold_std=0.04) -> None:
+    """Round k's collect/pm/ppo summaries with the numbers round_row reads."""
+    summaries = {
+        f"collect_{k}": {"comparisons": 50 * k, "pairs": 50, "label_gold_agreement": 0.7,
+                         "prev_pm_accuracy": None, "gold_fresh_score_std": gold_std},
+        f"pm_{k}": {"report": {"overall": {"accuracy": 0.6, "n": 40, "ci95": [0.45, 0.74]},
+                               "scores": {"mean": -1.0, "std": proxy_std, "mean_margin": 0.1}}},
+        f"ppo_{k}": {"initial": {"eval/score": proxy[0], "eval/test_score": gold[0],
+                                 "eval/kl": 0.0},
+                     "final": {"eval/score": proxy[1], "eval/test_score": gold[1],
+                               "eval/kl": 0.08}}}
+    for name, s in summaries.items():
+        os.makedirs(os.path.join(run_dir, name), exist_ok=True)
+        with open(os.path.join(run_dir, name, "summary.json"), "w") as f:
+            json.dump(s, f)
+
+
+def test_round_row_normalises_both_pms_on_the_same_samples(tmp_path):
+    fake_round(str(tmp_path), 1)
+    row = online.round_row(str(tmp_path), 1)
+    # raw: proxy −0.5 − (−1.0) = 0.5, gold 0.32 − 0.30 = 0.02; stds on the fresh pairs:
+    # proxy 0.25, gold 0.04 → 0.5 / 0.25 = 2.0 and 0.02 / 0.04 = 0.5; gap 2.0 − 0.5 = 1.5
+    assert row["proxy_gain"] == pytest.approx(0.5) and row["gold_gain"] == pytest.approx(0.02)
+    assert row["proxy_gain_std"] == pytest.approx(2.0)
+    assert row["gold_gain_std"] == pytest.approx(0.5)
+    assert row["overopt_gap_std"] == pytest.approx(1.5)
+    assert (row["proxy_std_fresh"], row["gold_std_fresh"]) == (0.25, 0.04)
+    fake_round(str(tmp_path), 2, proxy=(-2.0, -2.3), proxy_std=0.6, gold=(0.1, 0.4),
+               gold_std=0.2)
+    cfg = ConfigDict(dict(rounds=2, run_dir=str(tmp_path), gold_pm_from="/g"))
+    summary = online.summarize(cfg, str(tmp_path / "online"))
+    r2 = summary["rounds"][1]
+    # −0.3 / 0.6 = −0.5; 0.3 / 0.2 = 1.5; gap −2.0
+    assert (r2["proxy_gain_std"], r2["gold_gain_std"], r2["overopt_gap_std"]) == \
+        pytest.approx((-0.5, 1.5, -2.0))
+    with open(tmp_path / "collect_1" / "summary.json") as f:
+        old = {k: v for k, v in json.load(f).items() if k != "gold_fresh_score_std"}
+    with open(tmp_path / "collect_1" / "summary.json", "w") as f:
+        json.dump(old, f)
+    with pytest.raises(KeyError, match="gold_fresh_score_std"):
+        online.round_row(str(tmp_path), 1)
+

@@ -24,20 +24,26 @@ def section(page: Page, summary: dict, stage_dir: str) -> None:
               "≤ k), its accuracy on fresh on-policy pairs from held-out prompts labeled by "
               "the gold PM (the previous round's proxy PM on the same pairs beside it), the "
               "labels' agreement with the gold PM's preference, and the PPO policy's held-out "
-              "scores under the proxy and the gold PM. Gains are from π0 in each PM's score "
-              "std; gap = proxy gain − gold gain (over-optimisation when > 0, Gao et al. 2022).")
+              "scores under the proxy and the gold PM. Gains are from π0: raw, in each PM's "
+              "own units, and in std, each PM's score std on the same samples (the round's "
+              "fresh on-policy pairs); gap = proxy gain − gold gain in std (over-optimisation "
+              "when > 0, Gao et al. 2022).")
     page.table(["round", "comparisons", "labels = gold", "proxy acc (fresh)", "95% CI",
-                "prev proxy acc", "KL", "gold π0 → π", "proxy π0 → π", "gold gain",
-                "proxy gain", "gap"],
+                "prev proxy acc", "KL", "gold π0 → π", "proxy π0 → π", "gold gain (raw)",
+                "proxy gain (raw)", "gold std", "proxy std", "gold gain", "proxy gain",
+                "gap"],
                [[r["round"], r["comparisons"], r["label_gold_agreement"],
                  r["proxy_accuracy_fresh"],
                  f"[{r['proxy_accuracy_ci95'][0]:.3f}, {r['proxy_accuracy_ci95'][1]:.3f}]",
                  r["prev_pm_accuracy"], r["kl"],
                  f"{fmt(r['gold_score_pi0'])} → {fmt(r['gold_score'])}",
                  f"{fmt(r['proxy_score_pi0'])} → {fmt(r['proxy_score'])}",
-                 r["gold_gain_std"], r["proxy_gain_std"], r["overopt_gap_std"]] for r in rows])
+                 r.get("gold_gain"), r.get("proxy_gain"), r.get("gold_std_fresh"),
+                 r.get("proxy_std_fresh"), r["gold_gain_std"], r["proxy_gain_std"],
+                 r["overopt_gap_std"]] for r in rows])
     png = os.path.join(stage_dir, "online.png")
     if os.path.exists(png):
         page.image(png, "Left: the PPO policy's score gain over π0 per round under the proxy "
-                   "PM it was trained against and under the gold PM. Right: proxy-PM accuracy "
+                   "PM it was trained against and under the gold PM, in each PM's score std on the "
+                   "round's fresh pairs (labels: raw gains). Right: proxy-PM accuracy "
                    "on fresh on-policy pairs (95% CI; dashed: chance).")

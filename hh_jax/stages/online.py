@@ -196,12 +196,18 @@ def _sample_round(cfg: ConfigDict, stage_dir: str, tok, mesh) -> None:
     fresh_rows = [(p["context"], p["response_a"], p["response_b"]) if a > b else
                   (p["context"], p["response_b"], p["response_a"])
                   for p, a, b in zip(fresh, f_a, f_b, strict=True) if a != b]  # ties: no label
+    untied = np.asarray(f_a) != np.asarray(f_b)
+    # the gold PM's score std on fresh.jsonl's responses (both sides of each row): the same
+    # responses, counted the same way, as pm_k's report["scores"]["std"] (pm_k is
+    # evaluated on fresh.jsonl), so the two PMs' gains are normalised on the same samples
+    fresh_std = float(np.concatenate([np.asarray(f_a)[untied], np.asarray(f_b)[untied]]).std()
+                      ) if untied.any() else None
     label_store.write_hh(os.path.join(stage_dir, "fresh.jsonl"), fresh_rows)
     _write_json(os.path.join(stage_dir, "gold.json"), {
         "scores": {p["id"]: [float(a), float(b)] for p, a, b in zip(pairs, r_a, r_b,
                                                                      strict=True)},
         "dropped": dropped, "fresh_dropped": fresh_dropped, "fresh_pairs": len(fresh_rows),
-        **prev})
+        "gold_fresh_score_std": fresh_std, **prev})
     label_store.write_pairs(os.path.join(stage_dir, "pairs.jsonl"), pairs)
 
 
@@ -290,7 +296,8 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
                "policy": snapshot_name(cfg.policy_from),
                "snapshots": [snapshot_name(p) for p in cfg.snapshots],
                "prev_pm_accuracy": gold.get("prev_pm_accuracy"),
-               "prev_pm_pairs": gold.get("prev_pm_pairs"), **labels, **export}
+               "prev_pm_pairs": gold.get("prev_pm_pairs"),
+               "gold_fresh_score_std": gold.get("gold_fresh_score_std"), **labels, **export}
     print(f"[{name}] {len(pairs)} pairs ({dropped} dropped: {gold['dropped']}), "
           f"{labels['labeled_now']} "
           f"labeled now; {export['comparisons']} comparisons for the PM; "
@@ -299,15 +306,28 @@ def train_and_evaluate(cfg: ConfigDict, stage_dir: str) -> dict:
     return summary
 
 
-def round_row(run_dir: str, k: int, gold_std: float) -> dict:
-    """One round's numbers from its stages' summaries. Score gains are from π0 in units of
-    each PM's score std on its held-out pairs (the scale PPO's rewards are normalised by),
-    so the proxy's and the gold PM's gains compare: gap > 0 is over-optimisation (Gao et
-    al. 2022: the proxy's score rises faster than the gold's)."""
+def round_row(run_dir: str, k: int) -> dict:
+    """One round's numbers from its stages' summaries.
+
+    Gains are the PPO policy's mean held-out score minus π0's (PPO's first and last
+    evaluation), under the proxy PM pm_k it was trained against and under the gold PM:
+    raw (`*_gain`, each PM's own units) and normalised (`*_gain_std`) by each PM's score
+    std on the *same* samples: the responses of round k's fresh on-policy pairs
+    (collect_k/fresh.jsonl, both sides of each pair; samples of round k's current policy
+    on held-out prompts). pm_k's std is its evaluation report's (pm_k is evaluated on
+    fresh.jsonl), the gold PM's is computed by collect_k on the same rows
+    (`gold_fresh_score_std`). So gap = proxy gain − gold gain in those units compares
+    like with like: gap > 0 is over-optimisation (Gao et al. 2022: the proxy's score rises
+    faster than the gold's)."""
     col = metrics.read_summary(os.path.join(run_dir, f"collect_{k}"))
     pm = metrics.read_summary(os.path.join(run_dir, f"pm_{k}"))
     ppo = metrics.read_summary(os.path.join(run_dir, f"ppo_{k}"))
-    proxy_std = checkpoint.read_meta(os.path.join(run_dir, f"pm_{k}", "params"))["scores"]["std"]
+    gold_std = col.get("gold_fresh_score_std")
+    if gold_std is None:
+        raise KeyError(f"{run_dir}/collect_{k}/summary.json has no gold_fresh_score_std (a "
+                       f"collect stage from before it was recorded, or no untied fresh pair): "
+                       f"delete collect_{k}, pm_{k}, ppo_{k} and rerun")
+    proxy_std = pm["report"]["scores"]["std"]
     i, f = ppo["initial"], ppo["final"]
     overall = pm["report"]["overall"]
     row = {"round": k, "comparisons": col["comparisons"], "new_pairs": col["pairs"],
@@ -315,9 +335,12 @@ def round_row(run_dir: str, k: int, gold_std: float) -> dict:
            "proxy_accuracy_fresh": overall["accuracy"], "fresh_pairs": overall["n"],
            "proxy_accuracy_ci95": overall["ci95"], "prev_pm_accuracy": col["prev_pm_accuracy"],
            "kl": f["eval/kl"], "proxy_score_pi0": i["eval/score"], "proxy_score": f["eval/score"],
-           "gold_score_pi0": i["eval/test_score"], "gold_score": f["eval/test_score"]}
-    row["proxy_gain_std"] = (f["eval/score"] - i["eval/score"]) / max(proxy_std, 1e-8)
-    row["gold_gain_std"] = (f["eval/test_score"] - i["eval/test_score"]) / max(gold_std, 1e-8)
+           "gold_score_pi0": i["eval/test_score"], "gold_score": f["eval/test_score"],
+           "proxy_std_fresh": proxy_std, "gold_std_fresh": gold_std}
+    row["proxy_gain"] = f["eval/score"] - i["eval/score"]
+    row["gold_gain"] = f["eval/test_score"] - i["eval/test_score"]
+    row["proxy_gain_std"] = row["proxy_gain"] / max(proxy_std, 1e-8)
+    row["gold_gain_std"] = row["gold_gain"] / max(gold_std, 1e-8)
     row["overopt_gap_std"] = row["proxy_gain_std"] - row["gold_gain_std"]
     return row
 
@@ -325,8 +348,7 @@ def round_row(run_dir: str, k: int, gold_std: float) -> dict:
 def summarize(cfg: ConfigDict, stage_dir: str) -> dict:
     """Stage `online`: metrics.jsonl (a row per round), summary.json and online.png."""
     os.makedirs(stage_dir, exist_ok=True)
-    gold_std = checkpoint.read_meta(cfg.gold_pm_from)["scores"]["std"]
-    rows = [round_row(cfg.run_dir, k, gold_std) for k in range(1, cfg.rounds + 1)]
+    rows = [round_row(cfg.run_dir, k) for k in range(1, cfg.rounds + 1)]
     writer = metrics.MetricsWriter(stage_dir)
     for r in rows:
         writer.write(r["round"], {k: v for k, v in r.items() if isinstance(v, int | float)})
@@ -335,10 +357,13 @@ def summarize(cfg: ConfigDict, stage_dir: str) -> dict:
     for r in rows:
         print(f"[online] round {r['round']}: {r['comparisons']} comparisons; proxy PM on fresh "
               f"pairs {r['proxy_accuracy_fresh']:.3f} (n={r['fresh_pairs']}); PPO KL "
-              f"{r['kl']:.3f}: gold {r['gold_score_pi0']:+.3f} → {r['gold_score']:+.3f}, proxy "
-              f"{r['proxy_score_pi0']:+.3f} → {r['proxy_score']:+.3f}; gap "
+              f"{r['kl']:.3f}: gold {r['gold_score_pi0']:+.3f} → {r['gold_score']:+.3f} "
+              f"({r['gold_gain_std']:+.3f} std), proxy {r['proxy_score_pi0']:+.3f} → "
+              f"{r['proxy_score']:+.3f} ({r['proxy_gain_std']:+.3f} std); gap "
               f"{r['overopt_gap_std']:+.3f} std", flush=True)
-    summary = {"rounds": rows, "gold_pm_from": cfg.gold_pm_from, "gold_score_std": gold_std}
+    summary = {"rounds": rows, "gold_pm_from": cfg.gold_pm_from,
+               "gain_units": "each PM's score std on the round's fresh on-policy pairs "
+                             "(collect_k/fresh.jsonl)"}
     metrics.write_summary(stage_dir, summary)
     return summary
 
@@ -351,7 +376,13 @@ def plot(rows: list[dict], path: str) -> None:
     a1.plot(k, [r["gold_gain_std"] for r in rows], "o-", label="gold PM")
     a1.axhline(0.0, color="gray", lw=1)
     a1.set_xlabel("round")
-    a1.set_ylabel("score gain of the PPO policy over π0\n(held-out prompts, PM score std)")
+    for r in rows:  # the raw gains, in each PM's own units, beside the points
+        a1.annotate(f"{r['proxy_gain']:+.3f}", (r["round"], r["proxy_gain_std"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points", color="C0")
+        a1.annotate(f"{r['gold_gain']:+.3f}", (r["round"], r["gold_gain_std"]), fontsize=7,
+                    xytext=(4, -10), textcoords="offset points", color="C1")
+    a1.set_ylabel("score gain of the PPO policy over π0\n(held-out prompts; in each PM's "
+                  "score std\non the fresh pairs; labels: raw)")
     a1.legend(fontsize=8)
     acc = np.asarray([r["proxy_accuracy_fresh"] for r in rows])
     ci = np.asarray([r["proxy_accuracy_ci95"] for r in rows]).reshape(-1, 2)
