@@ -113,6 +113,8 @@ def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
                "pm": pm.train_and_evaluate, "pm_frozen": pm.train_frozen_and_evaluate,
                "ppo": ppo.train_and_evaluate, "bon": bon.train_and_evaluate,
                "collect": online.train_and_evaluate, "online": online.summarize}
+    # stage kinds whose completion depends on their config, not only on summary.json
+    completes = {"online": online.is_complete}
     workdir = os.path.abspath(workdir)
     config = fill_workdir(config, workdir)
     check(config, workdir, runners)
@@ -123,7 +125,8 @@ def run(config: ConfigDict, workdir: str) -> dict[str, dict]:
     for name in config.stages:
         kind = config[name].get("stage", name)
         stage_dir = os.path.join(workdir, name)
-        if checkpoint.is_complete(stage_dir):
+        done = completes.get(kind, lambda _cfg, d: checkpoint.is_complete(d))
+        if done(config[name], stage_dir):
             print(f"[{name}] complete, skipped ({stage_dir}/summary.json)", flush=True)
             summaries[name] = metrics.read_summary(stage_dir)
             continue

@@ -236,3 +236,24 @@ def test_round_row_normalises_both_pms_on_the_same_samples(tmp_path):
     with pytest.raises(KeyError, match="gold_fresh_score_std"):
         online.round_row(str(tmp_path), 1)
 
+
+def test_extending_a_run_with_rounds_summarizes_again(tmp_path):
+    """`online` is complete only for the rounds it summarized; summarizing again rewrites
+    metrics.jsonl instead of appending duplicate rows."""
+    run_dir = str(tmp_path)
+    fake_round(run_dir, 1)
+    fake_round(run_dir, 2, proxy=(0.0, 1.0), gold=(0.0, 0.1))
+    config = ConfigDict(dict(stages=("online",), online=ConfigDict(dict(
+        stage="online", rounds=1, run_dir="{workdir}", gold_pm_from="{workdir}/gold"))))
+    experiment.run(config, run_dir)
+    jsonl = tmp_path / "online" / "metrics.jsonl"
+    assert [json.loads(x)["step"] for x in jsonl.read_text().splitlines()] == [1]
+    experiment.run(config, run_dir)  # complete: skipped
+    assert len(jsonl.read_text().splitlines()) == 1
+    config.online.rounds = 2  # the run extended by a round
+    assert not online.is_complete(config.online, str(tmp_path / "online"))
+    experiment.run(config, run_dir)
+    summary = json.loads((tmp_path / "online" / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert [json.loads(x)["step"] for x in jsonl.read_text().splitlines()] == [1, 2]
+    assert online.is_complete(config.online, str(tmp_path / "online"))

@@ -345,10 +345,23 @@ def round_row(run_dir: str, k: int) -> dict:
     return row
 
 
+def is_complete(cfg: ConfigDict, stage_dir: str) -> bool:
+    """The `online` stage is complete when its summary holds exactly rounds 1…cfg.rounds
+    (a run extended with more rounds, or cut to fewer, summarizes again)."""
+    if not os.path.exists(os.path.join(stage_dir, "summary.json")):
+        return False
+    rows = metrics.read_summary(stage_dir).get("rounds") or []
+    return [r.get("round") for r in rows] == list(range(1, cfg.rounds + 1))
+
+
 def summarize(cfg: ConfigDict, stage_dir: str) -> dict:
-    """Stage `online`: metrics.jsonl (a row per round), summary.json and online.png."""
+    """Stage `online`: metrics.jsonl (a row per round, rewritten from scratch),
+    summary.json and online.png."""
     os.makedirs(stage_dir, exist_ok=True)
     rows = [round_row(cfg.run_dir, k) for k in range(1, cfg.rounds + 1)]
+    jsonl = os.path.join(stage_dir, "metrics.jsonl")
+    if os.path.exists(jsonl):  # an earlier summary's rows: replaced, not appended to
+        os.remove(jsonl)
     writer = metrics.MetricsWriter(stage_dir)
     for r in rows:
         writer.write(r["round"], {k: v for k, v in r.items() if isinstance(v, int | float)})
