@@ -105,9 +105,33 @@ def test_torn_last_line_is_cut_with_a_warning(tmp_path, caplog):
         store = st.ComparisonStore(path)
     assert f"{len(torn)} bytes dropped" in caplog.text and "labels.jsonl:2" in caplog.text
     assert path.read_bytes() == good
+    saved = list(tmp_path.glob("labels.jsonl.torn-*"))  # the cut bytes, kept aside
+    assert len(saved) == 1 and saved[0].read_bytes() == torn and str(saved[0]) in caplog.text
     store.append(make_pair(1), "b", labeler="ann")
     assert [r["id"] for r in lines_of(path)] == ["p0", "p1"]
     store.close()
+
+
+def test_a_whole_label_without_its_newline_survives_reopening(tmp_path, caplog):
+    """A crash between a label and its newline leaves a complete record: kept, not cut."""
+    path = tmp_path / "labels.jsonl"
+    with st.ComparisonStore(path) as store:
+        store.append(make_pair(0), "a", labeler="ann")
+        store.append(make_pair(1), "b", labeler="ann")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-1])  # the last newline never written
+    assert [r["id"] for r in st.read_store(path)] == ["p0", "p1"]  # a reader counts it
+    assert path.read_bytes() == whole[:-1]  # ...and leaves the file alone
+    with caplog.at_level(logging.WARNING, logger="hh_jax.label.store"):
+        store = st.ComparisonStore(path)
+    assert "no trailing newline" in caplog.text and "labels.jsonl:2" in caplog.text
+    assert path.read_bytes() == whole and store.labeled_ids() == {"p0", "p1"}
+    with pytest.raises(st.DuplicateLabel):
+        store.append(make_pair(1), "a", labeler="bob")
+    store.append(make_pair(2), "a", labeler="ann")
+    store.close()
+    assert [r["id"] for r in lines_of(path)] == ["p0", "p1", "p2"]
+    assert not list(tmp_path.glob("labels.jsonl.torn-*"))
 
 
 def test_a_corrupt_store_names_file_and_line(tmp_path):

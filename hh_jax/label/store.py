@@ -7,8 +7,10 @@ A pairs file is jsonl, one object a line:
 
 The store is jsonl too, one label a line, written with one O_APPEND write + fsync under a
 thread lock and an exclusive flock, so concurrent writers (threads or processes) never
-interleave and a crash loses at most the label being written: a torn last line (no trailing
-newline) is cut off, with a warning, the next time the store is opened for writing.
+interleave and a crash loses at most the label being written. The next time the store is
+opened for writing, a last line without its newline is repaired: a complete label (the
+crash came between the record and its newline) gets its newline and is kept; a torn one is
+copied to `<store>.torn-<UTC time>` and cut off, with a warning either way.
 `export_hh` turns the labels into HH jsonl rows that `hh_jax.data.hh` reads (the PM stage,
 `hh-jax eval pm`).
 """
@@ -166,15 +168,48 @@ def _parse_lines(data: bytes, path: str, first_line: int, seen: set[str]) -> lis
     return out
 
 
+def _is_record(raw: bytes) -> bool:
+    """Whether `raw` (a last line without its newline) is a whole, valid label."""
+    try:
+        _parse_record(raw, "<tail>", 0)
+    except DataError:
+        return False
+    return True
+
+
 def read_store(path: str | os.PathLike) -> list[dict]:
-    """The labels of a store, read only: a torn last line is ignored (with a warning)."""
+    """The labels of a store, read only: a last line without its newline counts when it is
+    a whole label, else it is ignored (with a warning); the file is left alone."""
     with open(path, "rb") as f:
         data = f.read()
     complete = data[: data.rfind(b"\n") + 1]
     if len(complete) < len(data):
-        log.warning("%s: ignoring a torn last line (%d bytes, no newline)", path,
-                    len(data) - len(complete))
+        if _is_record(data[len(complete):]):
+            complete = data + b"\n"
+        else:
+            log.warning("%s: ignoring a torn last line (%d bytes, no newline)", path,
+                        len(data) - len(complete))
     return _parse_lines(complete, str(path), 1, set())
+
+
+def _save_torn(path: str, tail: bytes) -> str:
+    """Copies a torn last line to `<path>.torn-<UTC time>` (fsynced); returns its path."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    for n in range(100):
+        out = f"{path}.torn-{stamp}" + (f"-{n}" if n else "")
+        try:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        try:
+            view = memoryview(tail)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return out
+    raise FileExistsError(f"{path}.torn-{stamp}: 100 files of that name exist")
 
 
 class ComparisonStore:
@@ -202,8 +237,9 @@ class ComparisonStore:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _catch_up(self) -> None:
-        """Parses what other writers appended; cuts a torn last line (call under the lock:
-        no writer is mid-write then, so a line without its newline is a crashed write)."""
+        """Parses what other writers appended and repairs a last line without its newline
+        (call under the lock: no writer is mid-write then, so such a line is a crashed
+        write): a whole label gets its newline; a torn one is saved aside and cut off."""
         size = os.fstat(self._fd).st_size
         if size < self._offset:
             raise DataError(self.path, self._lines + 1, "shrunk",
@@ -211,12 +247,21 @@ class ComparisonStore:
         data = os.pread(self._fd, size - self._offset, self._offset)
         complete = data[: data.rfind(b"\n") + 1]
         if len(complete) < len(data):
-            dropped = len(data) - len(complete)
-            log.warning("%s:%d: cutting off a torn last line (%d bytes dropped: a label "
-                        "whose write did not finish)", self.path,
-                        self._lines + complete.count(b"\n") + 1, dropped)
-            os.ftruncate(self._fd, self._offset + len(complete))
-            os.fsync(self._fd)
+            tail, line = data[len(complete):], self._lines + complete.count(b"\n") + 1
+            if _is_record(tail):  # the crash came between the label and its newline
+                log.warning("%s:%d: the last label has no trailing newline (a write that "
+                            "stopped just before it); adding the newline, keeping the label",
+                            self.path, line)
+                os.write(self._fd, b"\n")  # O_APPEND: at the end
+                os.fsync(self._fd)
+                complete = data + b"\n"
+            else:
+                saved = _save_torn(self.path, tail)
+                log.warning("%s:%d: cutting off a torn last line (%d bytes dropped: a label "
+                            "whose write did not finish; saved to %s)", self.path, line,
+                            len(tail), saved)
+                os.ftruncate(self._fd, self._offset + len(complete))
+                os.fsync(self._fd)
         self._records += _parse_lines(complete, self.path, self._lines + 1, self._ids)
         self._offset += len(complete)
         self._lines += complete.count(b"\n")
