@@ -197,3 +197,19 @@ def test_a_store_broken_while_serving_gets_a_500_not_a_hang(running):
         f.write("[1]\n")  # edited by hand: the store cannot be read any more
     status, data = request(server, "POST", "/api/label", {"id": "p1", "choice": "a"})
     assert status == 500 and "not_object" in data["error"]
+
+
+def test_a_pairs_file_reusing_labeled_ids_with_other_texts_is_refused(tmp_path):
+    """Resampled pairs under the same ids: the stored labels are not theirs."""
+    pairs, out = tmp_path / "pairs.jsonl", tmp_path / "labels.jsonl"
+    with st.ComparisonStore(out) as store:
+        store.append(make_pair(0), "b", labeler="ann")  # chosen = response_b
+        store.append(make_pair(1), "a", labeler="ann")
+    swapped = {**make_pair(0), "response_a": make_pair(0)["response_b"],
+               "response_b": make_pair(0)["response_a"]}  # either orientation is the pair
+    st.write_pairs(pairs, [swapped, make_pair(1), make_pair(2)])
+    srv.LabelApp(str(pairs), str(out)).store.close()
+    st.write_pairs(pairs, [make_pair(0), make_pair(1, response_a=" resampled"), make_pair(2)])
+    with pytest.raises(st.PairMismatch, match=r"(?s)labels.jsonl.*'p1'") as e:
+        srv.LabelApp(str(pairs), str(out))
+    assert str(pairs) in str(e.value) and "'p0'" not in str(e.value)

@@ -257,3 +257,18 @@ def test_extending_a_run_with_rounds_summarizes_again(tmp_path):
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert [json.loads(x)["step"] for x in jsonl.read_text().splitlines()] == [1, 2]
     assert online.is_complete(config.online, str(tmp_path / "online"))
+
+
+def test_resampled_pairs_under_labeled_ids_are_refused(tmp_path):
+    """collect_k deleted and resampled: the store's labels of the old texts under the same
+    positional ids must not count as the new pairs' labels."""
+    cfg = collect_cfg(tmp_path, 1)
+    pairs = fake_pairs(4, 1)
+    gold = {"scores": {p["id"]: [1.0, 0.0] for p in pairs}}
+    online.label_round(cfg, str(tmp_path), pairs, gold)
+    assert online.label_round(cfg, str(tmp_path), pairs, gold)["labeled_now"] == 0
+    resampled = [{**p, "response_b": p["response_b"] + " again"} if i == 2 else p
+                 for i, p in enumerate(pairs)]
+    with pytest.raises(label_store.PairMismatch,
+                       match=r"(?s)pairs.jsonl .*comparisons.jsonl.*'round1-train-00002'"):
+        online.label_round(cfg, str(tmp_path), resampled, gold)

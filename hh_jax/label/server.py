@@ -56,6 +56,11 @@ class LabelApp:
         self.pairs = read_pairs(pairs_path)
         self.by_id = {p["id"]: p for p in self.pairs}
         self.store = ComparisonStore(store_path)
+        try:  # ids labeled with other texts: those labels are not these pairs'
+            self.store.check_pairs(self.pairs, pairs_path)
+        except ValueError:
+            self.store.close()
+            raise
         self.labeler = labeler or default_labeler()
         self.pairs_path = os.path.abspath(pairs_path)
 

@@ -45,6 +45,25 @@ class DuplicateLabel(ValueError):
         super().__init__(f"pair {pair_id!r} is already labeled")
 
 
+class PairMismatch(ValueError):
+    """A pair's id is labeled in the store, but the stored label is of other texts (e.g.
+    pairs resampled under the same positional ids)."""
+
+
+def mismatched_ids(records: Iterable[dict], pairs: Iterable[dict]) -> list[str]:
+    """Ids of `pairs` that `records` label with another context or other responses
+    (either orientation matches: the label may have chosen a or b)."""
+    by_id = {r["id"]: r for r in records}
+    out = []
+    for p in pairs:
+        r = by_id.get(p["id"])
+        if r is not None and (r["context"] != p["context"] or {
+                (r["chosen"], r["rejected"])} - {(p["response_a"], p["response_b"]),
+                                                 (p["response_b"], p["response_a"])}):
+            out.append(p["id"])
+    return out
+
+
 def _problem(pair) -> tuple[str, str] | None:
     """(reason, detail) of the first thing wrong with a pair object, else None."""
     if not isinstance(pair, dict):
@@ -298,6 +317,19 @@ class ComparisonStore:
             self._ids.add(record["id"])
             self._records.append(record)
         return record
+
+    def check_pairs(self, pairs: Iterable[dict], pairs_path: str | os.PathLike) -> None:
+        """Raises PairMismatch, naming the store and the pairs file, when a pair's id is
+        already labeled here with other texts: its label belongs to another pair and must
+        not count as this one's."""
+        bad = mismatched_ids(self.records(), pairs)
+        if bad:
+            raise PairMismatch(
+                f"{len(bad)} pair(s) of {pairs_path} have ids already labeled in the store "
+                f"{self.path} with a different context or responses (first: "
+                f"{', '.join(map(repr, bad[:3]))}): the pairs were resampled or edited under "
+                f"the same ids. Use a new store, or new ids, or remove those labels from the "
+                f"store if they are obsolete")
 
     def labeled_ids(self) -> set[str]:
         with self._locked():

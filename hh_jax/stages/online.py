@@ -224,8 +224,11 @@ def labeler_of(cfg: ConfigDict) -> SimulatedLabeler | None:
 def label_round(cfg: ConfigDict, stage_dir: str, pairs: list[dict], gold: dict) -> dict:
     """Appends the labels of the round's unlabeled pairs to the store (labels already
     there, e.g. from a killed run or from people, are kept, never relabeled); returns
-    counts. Raises AwaitingLabels when people have not labeled every pair yet."""
+    counts. Raises AwaitingLabels when people have not labeled every pair yet, and
+    store.PairMismatch when an id is labeled in the store with other texts (pairs
+    resampled under the same ids, e.g. after collect_k was deleted)."""
     with label_store.ComparisonStore(cfg.store) as st:
+        st.check_pairs(pairs, os.path.join(stage_dir, "pairs.jsonl"))
         done = st.labeled_ids()
         todo = [p for p in pairs if p["id"] not in done]
         labeler = labeler_of(cfg)
