@@ -2,7 +2,7 @@
 
 Commands:
     hh-jax run experiments/online_hh.py:smoke --workdir runs/online_hh      # 6M, 3 rounds
-    hh-jax run experiments/online_hh.py:tiny,rounds=2 --workdir runs/online_tiny  # seconds
+    hh-jax run experiments/online_hh.py:tiny,rounds=2 --workdir runs/online_tiny  # ~1 min
     hh-jax run experiments/online_hh.py:smoke,human --workdir runs/online_human  # people
 Arg: comma-separated: "smoke" (default) or "tiny"; "rounds=N"; "human" (people label
 each round: the run stops at a round's pairs with the `hh-jax label` command to run, and
@@ -18,12 +18,13 @@ ppo_k (from π0 against pm_k, held-out prompts scored by pm_k and by the gold PM
 (WORKDIR/online/: metrics.jsonl a row per round, summary.json, online.png). "tiny" skips
 distill and pmp (π0 and the PMs' base are the LM).
 Runtime: "smoke" 22.5 minutes measured on 2 busy shared CPU cores (BENCHMARKS.md, "Online
-RLHF (issue 17)"); "tiny" a few minutes.
+RLHF (issue 17)"; its 3 rounds alone 4 min 55 s in the 2026-12-04 rerun); "tiny,rounds=2"
+62 s wall measured (2026-12-04, 2 shared CPU cores, lm to online from an empty workdir).
 Expected: the machinery, not the paper's numbers. At 6M the PMs barely move from their
-start, so the proxy PM's accuracy on fresh on-policy pairs (0.55–0.71 measured) is what
-it shares with the gold PM through the common LM, not what the labels taught, and the
-gold-vs-proxy gap at KL < 0.1 is noise-sized; the run shows that rounds chain, label,
-resume and report.
+start, so the proxy PM's accuracy on fresh on-policy pairs (0.64–0.72 measured; pmp alone
+0.57–0.69 on the same pairs) is what it shares with the gold PM through the common LM,
+not what the labels taught, and the gold-vs-proxy gap at KL < 0.1 is noise-sized; the
+run shows that rounds chain, label, resume and report.
 """
 
 from common import HH_STOP
