@@ -34,18 +34,6 @@ N_TQA, N_BBQ, SEED = 5, 3, 0  # `hh-jax eval mc --limit N --seed 0` picks the sa
 TOL = 1e-3
 
 
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder, name = os.path.split(GGUF)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model.eval(), tok
-
-
 def _items():
     mc1, mc2 = datasets.load_truthfulqa()
     keep = common.subsample(list(range(len(mc1))), N_TQA, SEED)
@@ -85,8 +73,8 @@ def _hf_scores(hf_model, hf_tok, item) -> tuple[dict, list[tuple[list, list]]]:
 
 @pytest.mark.slow
 @pytest.mark.parity
-def test_mc_logliks_match_transformers(hf):
-    hf_model, hf_tok = hf
+def test_mc_logliks_match_transformers(hf_model):  # conftest: transformers' SmolLM2
+    hf_lm, hf_tok = hf_model
     model, params, tok, fmt = loglik.load_model("smollm2-135m")  # as `hh-jax eval mc` does
     assert fmt.name == "chatml"
     scorer = loglik.Scorer(model, params, batch_size=8, max_len=1024)  # mc.run's defaults
@@ -100,7 +88,7 @@ def test_mc_logliks_match_transformers(hf):
     theirs_mc2, theirs_bbq = [], []
     for items, ours, theirs in ((mc2, ours_mc2, theirs_mc2), (bbq, ours_bbq, theirs_bbq)):
         for it, o in zip(items, ours, strict=True):
-            t, ids = _hf_scores(hf_model, hf_tok, it)
+            t, ids = _hf_scores(hf_lm, hf_tok, it)
             theirs.append(t)
             # the same token boundaries: hh_jax's request == the transformers tokenization
             req = loglik.mc_request(tok, it.turns, it.choices, fmt)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 
 import jax
 import jax.numpy as jnp
@@ -138,18 +137,6 @@ def test_answers_a_question(smollm2):
 
 
 # ----------------------------------------------------------------------------- transformers
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder, name = os.path.split(GGUF)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model.eval(), hf_tok
 
 
 @pytest.mark.slow
