@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from hh_jax.data.jsonl_reader import MAX_LINE_BYTES, DataError, read_lines
+from hh_jax.data.jsonl_reader import MAX_LINE_BYTES, DataError, read_json, read_lines
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
@@ -334,15 +334,10 @@ def subsample(items: list, limit: int | None, seed: int = 0) -> list:
 def load_hh_prompts(path: str, limit: int | None = None, seed: int = 0) -> list[str]:
     """Distinct first Human turns of an HH jsonl(.gz) file (a fixed random subset)."""
     seen, out = set(), []
-    for line, raw in read_lines(path):
-        if isinstance(raw, DataError):
-            raise raw
-        if not raw.strip():
-            continue
+    for line, row in read_json(path, bad_json="bad_row"):
         try:
-            row = json.loads(raw)
             turns = split_turns(row["chosen"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (KeyError, TypeError) as e:
             raise DataError(path, line, "bad_row",
                             f"no readable 'chosen' dialogue ({e})") from None
         if not turns or turns[0][0] != "Human" or not turns[0][1].strip():

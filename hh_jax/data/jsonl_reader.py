@@ -9,6 +9,7 @@ trusted). Overlong lines are reported without being held in memory.
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from collections.abc import Iterator
@@ -120,3 +121,19 @@ def read_lines(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES
         return
     if buf or overlong:
         yield line_no + 1, DataError(path, line_no + 1, *too_long) if overlong else buf
+
+
+def read_json(path: str | os.PathLike, bad_json: str = "invalid_json"
+              ) -> Iterator[tuple[int, object]]:
+    """Yields (1-based line number, parsed JSON value) of each non-blank line of a
+    jsonl(.gz) file; raises the first DataError: a file problem from `read_lines`, or a
+    line that is not JSON (reason `bad_json`)."""
+    for line, raw in read_lines(path):
+        if isinstance(raw, DataError):
+            raise raw
+        if not raw.strip():
+            continue
+        try:
+            yield line, json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise DataError(path, line, bad_json, str(e)) from None

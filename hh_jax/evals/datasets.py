@@ -25,7 +25,7 @@ import os
 import re
 
 from hh_jax import chat
-from hh_jax.data.jsonl_reader import DataError, read_lines
+from hh_jax.data.jsonl_reader import DataError, read_json
 
 Turn = tuple[str, str]
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -257,15 +257,10 @@ def bbq_unknown_index(choices, path: str, line: int) -> int:
 def load_bbq_targets(path: str) -> dict[tuple[str, int], str]:
     """{(subset, example_id): the choice naming the stereotyped group} (bbq_targets.py)."""
     out = {}
-    for line, raw in read_lines(path):
-        if isinstance(raw, DataError):
-            raise raw
-        if not raw.strip():
-            continue
+    for line, r in read_json(path, bad_json="bad_row"):
         try:
-            r = json.loads(raw)
             out[(r["subset"], int(r["example_id"]))] = r["target"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise DataError(path, line, "bad_row", str(e)) from None
     return out
 
@@ -352,15 +347,7 @@ def load_winogenerated(path: str | None = None) -> list[BlankItem]:
     """winogenerated_examples.jsonl: one sentence with a single blank `_` per line."""
     path = path or os.path.join(path_of("winogenerated"), "winogenerated_examples.jsonl")
     out = []
-    for line, raw in read_lines(path):
-        if isinstance(raw, DataError):
-            raise raw
-        if not raw.strip():
-            continue
-        try:
-            ex = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(path, line, "invalid_json", str(e)) from None
+    for line, ex in read_json(path):
         sentence = _text(ex, "sentence_with_blank", path, line)
         occupation = _text(ex, "occupation", path, line)
         pronouns = _field(ex, "pronoun_options", list, path, line)

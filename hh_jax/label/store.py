@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterable
 
 from hh_jax.data.hh import ASSISTANT, first_human_turn
-from hh_jax.data.jsonl_reader import DataError, read_lines
+from hh_jax.data.jsonl_reader import DataError, read_json
 
 log = logging.getLogger(__name__)
 CHOICES = ("a", "b")
@@ -105,15 +105,7 @@ def validate_pair(pair, where: tuple[str, int] = ("<pair>", 0)) -> dict:
 def read_pairs(path: str | os.PathLike) -> list[dict]:
     """The pairs of a jsonl(.gz) file in file order; DataError (file:line: ...) on bad rows."""
     pairs, first_line = [], {}
-    for line, raw in read_lines(path):
-        if isinstance(raw, DataError):
-            raise raw
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise DataError(path, line, "invalid_json", str(e)) from None
+    for line, obj in read_json(path):
         pair = validate_pair(obj, (str(path), line))
         if pair["id"] in first_line:
             raise DataError(path, line, "duplicate_id",
